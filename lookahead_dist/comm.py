@@ -1,0 +1,235 @@
+"""Every call to torch.distributed in the library goes through this module.
+
+It gives the engine a handful of primitives (weighted all-reduce over a group,
+batched point-to-point exchange, object gathers for start-up checks), turns a
+low-level failure into a :class:`~lookahead_dist.errors.CommError` that names
+the lost peer's rank, and keeps a heartbeat in the process group's store so
+that the rank of a dead peer is known even where the backend reports only an
+address (gloo does).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from lookahead_dist.errors import CommError
+
+__all__ = [
+    "Comm",
+    "init_process_group",
+    "destroy_process_group",
+    "default_backend",
+    "is_initialized",
+]
+
+_HB_PREFIX = "lookahead_dist/heartbeat/"
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def default_backend(device: torch.device | None = None) -> str:
+    """NCCL when CUDA is usable (and the device is a GPU), gloo otherwise."""
+    if device is not None and torch.device(device).type != "cuda":
+        return "gloo"
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def init_process_group(backend: str | None = None, timeout_s: float = 300.0, **kw) -> None:
+    """Initialise from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) unless already done."""
+    if is_initialized():
+        return
+    backend = backend or default_backend()
+    if backend == "nccl" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
+
+
+def destroy_process_group() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+class _Heartbeat(threading.Thread):
+    """Bumps this rank's counter in the store every ``interval`` seconds."""
+
+    def __init__(self, store, rank: int, interval: float):
+        super().__init__(daemon=True, name=f"lookahead_dist-heartbeat-{rank}")
+        self.store, self.key, self.interval = store, f"{_HB_PREFIX}{rank}", interval
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.add(self.key, 1)
+            except Exception:  # the store host is gone: nothing left to report to
+                return
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Comm:
+    """The process group as the engine sees it: rank, world, groups, collectives, failure reports.
+
+    ``heartbeat`` (seconds, 0 to disable) keeps a per-rank counter in the
+    default store; when a collective fails, the ranks whose counter stopped
+    are named in the error.
+    """
+
+    def __init__(self, heartbeat: float = 0.5):
+        if not is_initialized():
+            raise CommError(
+                "torch.distributed is not initialised: launch with torchrun (or call "
+                "lookahead_dist.comm.init_process_group()) before building a distributed optimizer"
+            )
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.backend = dist.get_backend()
+        self._groups: dict[tuple[int, ...], Any] = {}
+        self._hb = None
+        self._hb_interval = heartbeat
+        self._store = None
+        if heartbeat > 0:
+            try:
+                self._store = dist.distributed_c10d._get_default_store()
+            except Exception:
+                self._store = None
+            if self._store is not None:
+                self._hb = _Heartbeat(self._store, self.rank, heartbeat)
+                self._hb.start()
+
+    def close(self) -> None:
+        if self._hb is not None:
+            self._hb.stop()
+            self._hb = None
+
+    # -- groups -----------------------------------------------------------------
+    def group(self, ranks: Sequence[int]):
+        """The process group over ``ranks`` (None = the whole world).
+
+        Must be called by every rank, for the same rank sets in the same order.
+        """
+        key = tuple(sorted(int(r) for r in ranks))
+        if key == tuple(range(self.world_size)):
+            return None
+        if key not in self._groups:
+            self._groups[key] = dist.new_group(list(key))
+        return self._groups[key]
+
+    # -- failure translation ----------------------------------------------------
+    def _counters(self) -> dict[int, int]:
+        out = {}
+        for r in range(self.world_size):
+            try:
+                out[r] = int(self._store.add(f"{_HB_PREFIX}{r}", 0))
+            except Exception:
+                out[r] = -1
+        return out
+
+    def lost_peers(self, candidates: Iterable[int] | None = None) -> list[int]:
+        """Ranks whose heartbeat stopped (waits about three heartbeat intervals)."""
+        if self._store is None:
+            return []
+        cands = sorted(set(candidates) if candidates is not None else range(self.world_size))
+        cands = [r for r in cands if r != self.rank]
+        try:
+            before = self._counters()
+            time.sleep(3 * self._hb_interval + 0.1)
+            after = self._counters()
+        except Exception:
+            return []
+        return [r for r in cands if after.get(r, -1) == before.get(r, -1)]
+
+    @contextmanager
+    def guard(self, what: str, peers: Iterable[int] | None = None):
+        """Run a communication step; a backend failure becomes a CommError naming the lost rank(s)."""
+        try:
+            yield
+        except CommError:
+            raise
+        except (RuntimeError, dist.DistBackendError if hasattr(dist, "DistBackendError") else RuntimeError) as exc:
+            peers = list(peers) if peers is not None else None
+            lost = self.lost_peers(peers)
+            if not lost and peers is not None:
+                lost = [r for r in self.lost_peers(None)]
+            who = (
+                f"lost peer rank(s) {lost}" if lost
+                else f"no peer was found dead (peers of this step: {peers if peers is not None else 'all'})"
+            )
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CommError(
+                f"rank {self.rank}: {what} failed: {who}; backend said: {first}"
+            ) from exc
+
+    # -- primitives -------------------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor, ranks: Sequence[int]) -> None:
+        with self.guard(f"all-reduce over ranks {list(ranks)}", ranks):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group(ranks))
+
+    def exchange(
+        self,
+        sends: Sequence[tuple[int, torch.Tensor]],
+        recvs: Sequence[tuple[int, torch.Tensor]],
+    ) -> None:
+        """Send each (peer, tensor) and receive into each (peer, tensor), batched, then wait for all."""
+        ops = [dist.P2POp(dist.isend, t, peer) for peer, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
+        if not ops:
+            return
+        peers = sorted({p for p, _ in sends} | {p for p, _ in recvs})
+        with self.guard(f"neighbour exchange with ranks {peers}", peers):
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        with self.guard("all_gather_object"):
+            dist.all_gather_object(out, obj)
+        return out
+
+    def all_reduce_flag(self, flag: bool) -> bool:
+        """True on every rank iff ``flag`` is true on any rank (a collective decision)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device_for_collectives())
+        with self.guard("flag all-reduce"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        with self.guard("barrier"):
+            dist.barrier()
+
+    def device_for_collectives(self) -> torch.device:
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    # -- start-up checks --------------------------------------------------------
+    def check_world_size(self, expected: int, source: str) -> None:
+        """Fail on every rank, before any communication, when the topology needs another world size."""
+        if expected != self.world_size:
+            raise CommError(
+                f"{source}: the topology places its agents on {expected} rank(s) but the process group "
+                f"has world size {self.world_size}; launch with --nproc_per_node/--nnodes giving {expected} "
+                f"processes, or use a topology for {self.world_size}"
+            )
+
+    def check_same(self, value: str, what: str) -> None:
+        """Every rank must hold the same ``value`` (e.g. a schedule hash); name the ranks that differ."""
+        values = self.all_gather_object(value)
+        if len(set(values)) > 1:
+            ref = values[0]
+            differ = [r for r, v in enumerate(values) if v != ref]
+            raise CommError(
+                f"rank {self.rank}: ranks loaded different {what}: rank(s) {differ} differ from rank 0 "
+                f"({ref[:12]}... vs {[values[r][:12] for r in differ]}); every rank must load the same file"
+            )

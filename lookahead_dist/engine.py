@@ -1,0 +1,185 @@
+"""The distributed mixing engine: applies X <- X P_k to agents that live on many processes.
+
+Each rank registers the agents it hosts (``placement[i] == rank``) as lists of
+flat buffers (one per dtype/device group, see :mod:`lookahead_dist.flat`).
+:meth:`MixingEngine.mix` looks up the plan of P_k's phase (compiled once per
+distinct phase by :func:`lookahead_dist.plan.compile_plan`) and runs it:
+
+* identity: nothing;
+* agents on this rank only: local weighted sums;
+* a block of equal receiving columns c 1^T: one all-reduce SUM of sum_i c_i x_i;
+* any other pattern: one batched exchange of flat buffers with the peers, then
+  x_j <- w_jj x_j + sum_i w_ij recv_i, one pass per received buffer.
+
+Push-sum schedules need no special path: the push-sum weight is carried as one
+trailing element of an agent's first buffer, so it is mixed by the same
+arithmetic and travels in the same message.
+"""
+from __future__ import annotations
+
+import torch
+
+from lookahead_dist.comm import Comm
+from lookahead_dist.errors import ConfigError
+from lookahead_dist.mixing import Schedule
+from lookahead_dist.plan import Plan, compile_plan, group_rank_sets
+
+__all__ = ["MixingEngine"]
+
+
+class MixingEngine:
+    """Mix the agents of one rank according to a schedule and a placement.
+
+    Args:
+        schedule: the mixing schedule (column-stochastic, or push-sum).
+        placement: agent -> rank, one entry per agent.
+        comm: the :class:`~lookahead_dist.comm.Comm` of this process.
+        source: where the schedule came from, for error messages.
+        check: compare the schedule's hash and the world size across ranks at start.
+
+    Every rank must build its engine (it creates the process groups that the
+    schedule's all-reduces need, in the same order on every rank).
+    """
+
+    def __init__(self, schedule: Schedule, placement, comm: Comm, *, source: str = "<schedule>", check: bool = True):
+        self.schedule = schedule
+        self.placement = tuple(int(r) for r in placement)
+        self.comm = comm
+        self.rank = comm.rank
+        if len(self.placement) != schedule.n:
+            raise ConfigError(
+                f"{source}: placement has {len(self.placement)} entries but the schedule has {schedule.n} agents"
+            )
+        needed = max(self.placement) + 1
+        comm.check_world_size(needed, source)
+        if check:
+            fp = schedule.fingerprint() + ":" + ",".join(map(str, self.placement))
+            comm.check_same(fp, f"schedules ({source})")
+        # Process groups first, on every rank, in one global order.
+        for ph in schedule.phases:
+            for ranks in group_rank_sets(ph.matrix, self.placement):
+                comm.group(ranks)
+        self.plans: list[Plan] = [compile_plan(ph.matrix, self.placement, self.rank) for ph in schedule.phases]
+        self.local_agents = tuple(i for i, r in enumerate(self.placement) if r == self.rank)
+        self.agents: dict[int, list[torch.Tensor]] = {}
+        self._recv_cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.bytes_sent = 0
+
+    # -- agents -----------------------------------------------------------------
+    def add_agent(self, agent: int, buffers: list[torch.Tensor]) -> None:
+        """Register local ``agent``'s flat buffers (mixed in place)."""
+        if agent not in self.local_agents:
+            raise ConfigError(
+                f"agent {agent} is placed on rank {self.placement[agent] if 0 <= agent < len(self.placement) else '?'}"
+                f", not on this rank {self.rank}"
+            )
+        if self.agents:
+            ref = next(iter(self.agents.values()))
+            shapes = [(b.numel(), b.dtype, b.device) for b in buffers]
+            if shapes != [(b.numel(), b.dtype, b.device) for b in ref]:
+                raise ConfigError(f"agent {agent}: its buffers {shapes} differ from the other agents' on this rank")
+        self.agents[agent] = list(buffers)
+
+    def _check_agents(self) -> None:
+        missing = [a for a in self.local_agents if a not in self.agents]
+        if missing:
+            raise ConfigError(f"rank {self.rank}: agents {missing} are placed here but were never added")
+
+    def buffer_bytes(self) -> int:
+        ref = next(iter(self.agents.values()))
+        return sum(b.numel() * b.element_size() for b in ref)
+
+    # -- mixing -----------------------------------------------------------------
+    def plan(self, k: int) -> Plan:
+        return self.plans[self.schedule.phase_index(k)]
+
+    def mix(self, k: int) -> None:
+        """Apply P_k to every agent (all ranks call this for the same k)."""
+        plan = self.plan(k)
+        if plan.is_noop:
+            return
+        self._check_agents()
+        ngroups = len(next(iter(self.agents.values())))
+        for ar in plan.allreduces:
+            self._allreduce(ar, ngroups)
+        if plan.exchange is not None:
+            self._exchange(plan, ngroups)
+        if plan.local is not None:
+            self._combine(plan.local.combine, {}, ngroups)
+        self.bytes_sent += plan.bytes_sent(self.buffer_bytes())
+
+    def _allreduce(self, ar, ngroups: int) -> None:
+        single = len(ar.receivers) == 1 and len(ar.coeffs) == 1 and ar.coeffs[0][0] == ar.receivers[0]
+        for g in range(ngroups):
+            if single:
+                buf = self.agents[ar.receivers[0]][g]
+                buf.mul_(ar.coeffs[0][1])
+            else:
+                buf = torch.zeros_like(self.agents[ar.receivers[0]][g])
+                for i, c in ar.coeffs:
+                    buf.add_(self.agents[i][g], alpha=c)
+            self.comm.all_reduce_sum(buf, ar.ranks)
+            if not single:
+                for j in ar.receivers:
+                    self.agents[j][g].copy_(buf)
+
+    def _exchange(self, plan: Plan, ngroups: int) -> None:
+        ex = plan.exchange
+        sends, recvs = [], []
+        received: dict[tuple[int, int], torch.Tensor] = {}
+        for g in range(ngroups):
+            for peer, agents in ex.sends:
+                for i in agents:
+                    sends.append((peer, self.agents[i][g]))
+            for peer, agents in ex.recvs:
+                for i in agents:
+                    key = (i, g, peer)
+                    if key not in self._recv_cache:
+                        ref = next(iter(self.agents.values()))[g]
+                        self._recv_cache[key] = torch.empty_like(ref)
+                    received[(i, g)] = self._recv_cache[key]
+                    recvs.append((peer, received[(i, g)]))
+        self.comm.exchange(sends, recvs)
+        self._combine(ex.combine, received, ngroups)
+
+    def _combine(self, combine, received, ngroups: int) -> None:
+        """x_j <- sum_i w_ij x_i for each local receiver j, reading sources before any write."""
+        # In place is safe when each receiver reads no other local agent.
+        in_place = all(all(i == j or i not in self.agents for i, _ in ws) for j, ws in combine)
+        for g in range(ngroups):
+            outs = []
+            for j, ws in combine:
+                dst = self.agents[j][g] if in_place else torch.empty_like(self.agents[j][g])
+                self_w = next((w for i, w in ws if i == j), 0.0)
+                if in_place:
+                    if self_w == 0.0:
+                        dst.zero_()
+                    elif self_w != 1.0:
+                        dst.mul_(self_w)
+                else:
+                    dst.zero_()
+                    if self_w:
+                        dst.add_(self.agents[j][g], alpha=self_w)
+                for i, w in ws:
+                    if i == j:
+                        continue
+                    src = self.agents[i][g] if i in self.agents else received[(i, g)]
+                    dst.add_(src, alpha=w)
+                outs.append((j, dst))
+            if not in_place:
+                for j, dst in outs:
+                    self.agents[j][g].copy_(dst)
+
+    def describe(self) -> str:
+        lines = [f"rank {self.rank}: agents {list(self.local_agents)}"]
+        for idx, (ph, plan) in enumerate(zip(self.schedule.phases, self.plans)):
+            kinds = []
+            if plan.allreduces:
+                kinds.append(f"{len(plan.allreduces)} all-reduce(s) over {[ar.ranks for ar in plan.allreduces]}")
+            if plan.exchange:
+                kinds.append(f"exchange: send to {list(plan.send_peers())}")
+            if plan.local:
+                kinds.append("local")
+            lines.append(f"  phase {idx} x{ph.repeat}: " + ("; ".join(kinds) or "nothing"))
+        return "\n".join(lines)
+

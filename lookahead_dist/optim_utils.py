@@ -1,0 +1,76 @@
+"""The shape shared by every optimizer wrapper in the library.
+
+A wrapper *is* a ``torch.optim.Optimizer`` (isinstance holds, step and
+state-dict hooks work, LR schedulers accept it) but owns no parameters of its
+own: ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's
+objects, forwarded, so a scheduler on the wrapper changes the inner learning
+rate and ``add_param_group`` reaches the inner optimizer.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from lookahead_dist.errors import ConfigError
+
+__all__ = ["WrapperOptimizer"]
+
+
+class WrapperOptimizer(torch.optim.Optimizer):
+    """Base of the wrappers: forwards the inner optimizer's groups, state and defaults.
+
+    Subclasses implement ``step`` (decorated as usual) and their own state dict.
+    ``torch.optim.Optimizer.__init__`` is not called (it would copy the param
+    groups); the attributes it creates are created here instead.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"{type(self).__name__}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        self.optimizer = optimizer
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value) -> None:
+        self.optimizer.defaults = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def base_lr(self) -> float:
+        """The learning rate of the first param group (what the slow-momentum rule calls gamma)."""
+        return float(self.optimizer.param_groups[0]["lr"])

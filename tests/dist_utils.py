@@ -1,0 +1,85 @@
+"""Spawn real gloo process groups on this machine for the multi-rank tests.
+
+The TCP store is hosted by the test process itself, so it survives the death
+of any rank (the lost-peer tests kill one on purpose). Each rank's return
+value comes back through a file; an exception in a rank comes back as its
+traceback text and fails the test with it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(fn, rank, world_size, port, out_dir, timeout_s, args):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    result = ("error", "did not finish")
+    try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+        result = ("ok", fn(rank, world_size, *args))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the test
+        result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    finally:
+        with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
+            pickle.dump(result, f)
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def spawn(fn, world_size: int, *args, timeout: float = 240.0, op_timeout: float = 60.0, allow_errors: bool = False):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return the per-rank results.
+
+    ``fn`` must be importable (a module-level function). With ``allow_errors``
+    a rank's failure is returned as ("error", text) instead of failing; ranks
+    that never wrote a result (killed) give ("dead", exitcode).
+    """
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=op_timeout))
+    out_dir = tempfile.mkdtemp(prefix="lookahead_dist-spawn-")
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, store.port, out_dir, op_timeout, args), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if hung:
+        raise TimeoutError(f"ranks {hung} still running after {timeout} s")
+    results = []
+    for r, p in enumerate(procs):
+        path = os.path.join(out_dir, f"{r}.pkl")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                results.append(pickle.load(f))
+        else:
+            results.append(("dead", p.exitcode))
+    del store
+    if not allow_errors:
+        errors = [(r, res[1]) for r, res in enumerate(results) if res[0] != "ok"]
+        if errors:
+            raise AssertionError("\n".join(f"rank {r}: {msg}" for r, msg in errors))
+        return [res[1] for res in results]
+    return results
