@@ -191,6 +191,18 @@ class Comm:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
 
+    def reduce_scatter_sum(self, out: torch.Tensor, full: torch.Tensor) -> None:
+        """out <- rank r's chunk of the SUM over ranks of ``full`` (``full`` = world_size chunks of out's size)."""
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        with self.guard("reduce-scatter"):
+            fn(out, full, op=dist.ReduceOp.SUM)
+
+    def all_gather_into(self, full: torch.Tensor, chunk: torch.Tensor) -> None:
+        """full <- the concatenation of every rank's ``chunk``, in rank order."""
+        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        with self.guard("all-gather"):
+            fn(full, chunk)
+
     def all_gather_object(self, obj) -> list:
         out = [None] * self.world_size
         with self.guard("all_gather_object"):

@@ -16,6 +16,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import networkx as nx
 import numpy as np
 
 from lookahead_dist.errors import MixingError
@@ -77,7 +78,7 @@ def _check_entries(M: np.ndarray, name: str) -> None:
     neg = np.argwhere(M < 0)
     if neg.size:
         i, j = (int(v) for v in neg[0])
-        raise MixingError(f"{name}: entry [{i}, {j}] is negative ({M[i, j]!r}); weights must be >= 0")
+        raise MixingError(f"{name}: entry [{i}, {j}] is negative ({float(M[i, j])!r}); weights must be >= 0")
 
 
 def check_column_stochastic(P, tol: float = DEFAULT_TOL, name: str = "P") -> np.ndarray:
@@ -96,7 +97,7 @@ def check_column_stochastic(P, tol: float = DEFAULT_TOL, name: str = "P") -> np.
     if bad.size:
         j = int(bad[0])
         raise MixingError(
-            f"{name}: column {j} sums to {sums[j]!r}, not 1 (tol {tol:g}); column j holds the weights "
+            f"{name}: column {j} sums to {float(sums[j])!r}, not 1 (tol {tol:g}); column j holds the weights "
             f"agent j takes from every agent, so it must sum to 1 (declare push_sum for a row-stochastic matrix)"
         )
     return M
@@ -114,7 +115,7 @@ def check_row_stochastic(P, tol: float = DEFAULT_TOL, name: str = "P") -> np.nda
     if bad.size:
         i = int(bad[0])
         raise MixingError(
-            f"{name}: row {i} sums to {sums[i]!r}, not 1 (tol {tol:g}); in a push-sum matrix row i "
+            f"{name}: row {i} sums to {float(sums[i])!r}, not 1 (tol {tol:g}); in a push-sum matrix row i "
             f"is how agent i splits its mass, so it must sum to 1"
         )
     return M
@@ -196,9 +197,12 @@ def invariant_vector(matrices, tol: float = 1e-9) -> np.ndarray:
         return np.ones(1)
     if all(_is_doubly_stochastic(m, tol) for m in mats):
         a = np.full(n, 1.0 / n)
-        if all(np.allclose(m, np.eye(n), atol=0, rtol=0) for m in mats):
+        # For doubly stochastic matrices the invariant vector is unique iff the union graph is connected.
+        groups = nx.number_connected_components(nx.from_numpy_array(sum(np.abs(m) for m in mats)))
+        if groups > 1:
             raise MixingError(
-                "every matrix is the identity (no communication): every vector is invariant, none is unique"
+                f"the invariant vector is not unique: the agents split into {groups} groups that never "
+                "hear from each other (the identity, i.e. no communication, is the extreme case)"
             )
     else:
         prod = mats[0]
@@ -241,7 +245,7 @@ def consensus_rate(P, a=None) -> float:
     return float(np.max(np.abs(np.linalg.eigvals(E))))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Phase:
     """One matrix of a schedule, applied ``repeat`` consecutive steps."""
 

@@ -1,0 +1,460 @@
+"""Built-in mixing-matrix generators, built on networkx graphs.
+
+Every generator returns float64 NumPy matrices in the library's convention:
+column j of P holds the weights agent j takes from every agent (X_{k+1} = X_k P,
+paper eq. 4), so every column sums to 1. Time-varying generators return a list
+of :class:`~lookahead_dist.mixing.Phase` instead of a single matrix.
+
+Undirected generators (:func:`ring`, :func:`torus`, :func:`star`,
+:func:`hypercube`) use Metropolis-Hastings weights (:func:`metropolis_hastings`):
+symmetric and doubly stochastic, so their invariant vector is a = 1/n.
+
+>>> ring(4)[0].tolist()
+[0.33333333333333337, 0.3333333333333333, 0.0, 0.3333333333333333]
+>>> GENERATORS["torus"].signature()
+'torus(rows: int, cols: int)'
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import networkx as nx
+import numpy as np
+
+from lookahead_dist.errors import MixingError, TopologyError
+from lookahead_dist.mixing import Phase, lookahead_schedule
+
+__all__ = [
+    "GENERATORS",
+    "Generator",
+    "Param",
+    "REQUIRED",
+    "complete",
+    "edge_matrix",
+    "exponential",
+    "generator_names",
+    "hierarchical",
+    "hypercube",
+    "metropolis_hastings",
+    "one_peer_exponential",
+    "ring",
+    "star",
+    "torus",
+    "two_agent",
+]
+
+REQUIRED = object()  # marks a parameter without default
+
+
+def _error(gen: str, key: Optional[str], value, rule: str) -> TopologyError:
+    """A TopologyError that remembers which parameter (``key``) was bad, for key paths."""
+    where = gen if not key else f"{gen}: {key}" if value is None else f"{gen}: {key} = {value!r}"
+    err = TopologyError(f"{where}: {rule}")
+    err.key, err.value, err.rule = key, value, rule
+    return err
+
+
+def _int(gen: str, key: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise _error(gen, key, value, f"must be an integer >= {low}")
+    if value < low:
+        raise _error(gen, key, value, f"must be an integer >= {low}")
+    return int(value)
+
+
+def _n(gen: str, n) -> int:
+    return _int(gen, "n", n, 1)
+
+
+# -- undirected: Metropolis-Hastings ----------------------------------------------
+
+
+def metropolis_hastings(G: nx.Graph) -> np.ndarray:
+    """Metropolis-Hastings weights of an undirected graph.
+
+    With d_i the degree of agent i (self-loops ignored)::
+
+        P[i, j] = 1 / (1 + max(d_i, d_j))      for every edge {i, j}, i != j
+        P[i, i] = 1 - sum_{j != i} P[i, j]
+        P[i, j] = 0                            otherwise
+
+    P is symmetric and doubly stochastic, so its invariant vector is 1/n.
+    Agents are the graph's nodes in sorted order (nodes 0..n-1 map to themselves).
+    """
+    if G.is_directed():
+        raise TopologyError("metropolis_hastings: the graph must be undirected (got a directed graph)")
+    nodes = sorted(G.nodes())
+    index = {v: i for i, v in enumerate(nodes)}
+    n = len(nodes)
+    if n == 0:
+        raise TopologyError("metropolis_hastings: the graph has no nodes")
+    deg = {v: sum(1 for u in G.neighbors(v) if u != v) for v in nodes}
+    P = np.zeros((n, n))
+    for u, v in G.edges():
+        if u == v:
+            continue
+        w = 1.0 / (1.0 + max(deg[u], deg[v]))
+        P[index[u], index[v]] = P[index[v], index[u]] = w
+    P[np.diag_indices(n)] = 1.0 - P.sum(axis=0)
+    return P
+
+
+def ring(n: int) -> np.ndarray:
+    """Ring (cycle) on n agents, Metropolis-Hastings weights.
+
+    For n >= 3: P[i, i] = P[i, i +- 1 mod n] = 1/3. n = 2 is a single edge
+    (every entry 1/2); n = 1 is [[1]]. Consensus rate:
+    max_{k != 0} |1/3 + 2/3 cos(2 pi k / n)|.
+    """
+    n = _n("ring", n)
+    return metropolis_hastings(nx.cycle_graph(n))
+
+
+def torus(rows: int, cols: int) -> np.ndarray:
+    """2-D grid with wrap-around (rows x cols agents, both sides >= 3), Metropolis-Hastings weights.
+
+    Agent r * cols + c sits at (r, c); its neighbours are (r +- 1 mod rows, c) and
+    (r, c +- 1 mod cols). Every agent has degree 4, so P[i, j] = 1/5 for each
+    neighbour and P[i, i] = 1/5.
+    """
+    shape = f"shape {rows!r} x {cols!r}"
+    rows = _int("torus", "rows", rows, 1)
+    cols = _int("torus", "cols", cols, 1)
+    for key, side in (("rows", rows), ("cols", cols)):
+        if side < 3:
+            raise _error("torus", key, side, f"a torus needs both sides >= 3 ({shape})")
+    G = nx.grid_2d_graph(rows, cols, periodic=True)
+    G = nx.relabel_nodes(G, {(r, c): r * cols + c for r, c in G.nodes()})
+    return metropolis_hastings(G)
+
+
+def complete(n: int) -> np.ndarray:
+    """Exact averaging on n agents: P = J / n (every entry 1/n; Metropolis-Hastings on K_n).
+
+    One step maps every agent to the exact average; the consensus rate is 0.
+    """
+    n = _n("complete", n)
+    return np.full((n, n), 1.0 / n)
+
+
+def star(n: int) -> np.ndarray:
+    """Star on n agents with agent 0 the hub, Metropolis-Hastings weights.
+
+    The hub has degree n - 1 and every leaf degree 1, so for n >= 2
+    P[0, j] = P[j, 0] = 1/n, P[0, 0] = 1/n and P[j, j] = 1 - 1/n (j >= 1).
+    """
+    n = _n("star", n)
+    return metropolis_hastings(nx.star_graph(n - 1))
+
+
+def hypercube(n: int) -> np.ndarray:
+    """Hypercube on n = 2^d agents, Metropolis-Hastings weights.
+
+    Agents i and j are neighbours iff their binary indices differ in one bit
+    (j = i XOR 2^m); every agent has degree d, so P[i, j] = P[i, i] = 1/(d + 1).
+    """
+    n = _n("hypercube", n)
+    if n & (n - 1):
+        raise _error("hypercube", "n", n, "a hypercube needs a power of two agents")
+    d = n.bit_length() - 1
+    G = nx.Graph()
+    G.add_nodes_from(range(n))
+    G.add_edges_from((i, i ^ (1 << m)) for i in range(n) for m in range(d))
+    return metropolis_hastings(G)
+
+
+# -- directed ---------------------------------------------------------------------
+
+
+def exponential(n: int) -> np.ndarray:
+    """Static exponential graph: agent i sends to i + 2^m mod n, m = 0 .. floor(log2(n - 1)).
+
+    With p = floor(log2(n - 1)) + 1 peers, each receiver j gives 1/(p + 1) to itself and
+    to each in-neighbour j - 2^m mod n::
+
+        P[j - 2^m mod n, j] = P[j, j] = 1 / (p + 1)
+
+    In- and out-degrees are all p, so P is doubly stochastic (a = 1/n). n = 1 is [[1]].
+    """
+    n = _n("exponential", n)
+    G = nx.DiGraph()
+    G.add_nodes_from(range(n))
+    if n > 1:
+        peers = [1 << m for m in range((n - 1).bit_length())]
+        G.add_edges_from((i, (i + s) % n) for i in range(n) for s in peers)
+    P = np.zeros((n, n))
+    for j in range(n):
+        senders = list(G.predecessors(j))
+        w = 1.0 / (len(senders) + 1)
+        P[senders, j] = w
+        P[j, j] = w
+    return P
+
+
+def one_peer_exponential(n: int) -> list[Phase]:
+    """Time-varying one-peer exponential graph: ceil(log2 n) phases, cycling.
+
+    In phase m (m = 0 .. ceil(log2 n) - 1) agent i sends to i + 2^m mod n only, and
+    every agent averages itself with the one it hears from::
+
+        P_m[j - 2^m mod n, j] = P_m[j, j] = 1/2
+
+    Each P_m is doubly stochastic. When n is a power of two the product of the
+    phases is exactly J / n: every agent holds the average after log2(n) steps.
+    n = 1 is a single phase [[1]].
+    """
+    n = _n("one_peer_exponential", n)
+    if n == 1:
+        return [Phase(np.ones((1, 1)), 1, "self")]
+    phases = []
+    for m in range((n - 1).bit_length()):
+        hop = 1 << m
+        P = 0.5 * np.eye(n)
+        for i in range(n):
+            P[i, (i + hop) % n] += 0.5
+        phases.append(Phase(P, 1, f"hop {hop}"))
+    return phases
+
+
+def two_agent(alpha: float = 0.5, tau: int = 5) -> list[Phase]:
+    """Serial Lookahead (paper eq. 5): fast agent 0 (x), slow agent 1 (z).
+
+    P_k = I for tau - 1 steps, then a 1^T with a = [alpha, 1 - alpha]^T: both
+    agents take alpha x + (1 - alpha) z. alpha = 1 is valid (its only edge is
+    fast -> slow, rate 0).
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0.0 <= float(alpha) <= 1.0):
+        raise _error("two_agent", "alpha", alpha, "must be a number in [0, 1]")
+    tau = _int("two_agent", "tau", tau, 1)
+    try:
+        return list(lookahead_schedule(float(alpha), tau).phases)
+    except MixingError as exc:  # pragma: no cover - arguments are checked above
+        raise _error("two_agent", None, None, str(exc)) from None
+
+
+STATIC_INTER = ("ring", "complete", "star", "hypercube", "exponential")
+
+
+def hierarchical(nodes: int, per_node: int, inter: str = "ring") -> list[Phase]:
+    """Two-level mixing on nodes x per_node agents (agent index = node * per_node + local index).
+
+    Two phases:
+
+    1. intra-node exact averaging, kron(I_nodes, J_per_node / per_node);
+    2. inter-node gossip, kron(W, I_per_node), with W = ``inter``(nodes) a static
+       built-in generator: agent a of node u mixes with agent a of u's neighbours.
+
+    Their product is kron(W, J_per_node / per_node).
+    """
+    nodes = _int("hierarchical", "nodes", nodes, 1)
+    per_node = _int("hierarchical", "per_node", per_node, 1)
+    if inter not in STATIC_INTER:
+        raise _error("hierarchical", "inter", inter, f"must be one of {list(STATIC_INTER)}")
+    try:
+        W = GENERATORS[inter].func(nodes)
+    except TopologyError as exc:
+        raise _error("hierarchical", "inter", inter, f"{inter} on {nodes} nodes: {exc}") from None
+    intra = np.kron(np.eye(nodes), np.full((per_node, per_node), 1.0 / per_node))
+    return [Phase(intra, 1, "intra-node average"), Phase(np.kron(W, np.eye(per_node)), 1, f"inter-node {inter}")]
+
+
+def edge_matrix(n: int, edges, push_sum: bool = False, undirected: bool = False) -> np.ndarray:
+    """The mixing matrix of a directed edge list on n agents: (i, j) or (i, j, w) each.
+
+    Column-stochastic rule: edge (i -> j, w) means agent j takes weight w from agent i::
+
+        P[i, j] = w,   P[j, j] = 1 - sum_{i != j} P[i, j]   (an error if negative)
+
+    Without weights (all edges weighted, or none), receiver j gives
+    1/(in_degree(j) + 1) to itself and to each in-neighbour. A self-loop
+    (j, j, w) sets P[j, j] = w instead (column j must then sum to 1 on its own).
+    ``push_sum``: edge (i -> j, w) means i sends the fraction w of its mass to j,
+    P[i, j] = w and P[i, i] = 1 - sum_{j != i} P[i, j] (rows sum to 1; without
+    weights 1/(out_degree(i) + 1) each). ``undirected``: every edge also goes j -> i.
+    """
+    edges = [tuple(e) for e in edges]
+    if undirected:
+        edges += [(e[1], e[0]) + e[2:] for e in edges if e[0] != e[1]]
+    weighted = bool(edges) and len(edges[0]) == 3
+    P = np.zeros((n, n))  # built receiver-major: column j = what j takes (push-sum: edges reversed, transposed)
+    fixed, seen = set(), set()
+    for e in edges:
+        i, j = e[0], e[1]
+        if (i, j) in seen:
+            raise _error("edges", None, None, f"duplicate edge {i} -> {j}"
+                         + (" (undirected: true adds every reverse edge)" if undirected else ""))
+        seen.add((i, j))
+        src, dst = (j, i) if push_sum else (i, j)
+        if src == dst:
+            if weighted:
+                P[dst, dst] = e[2]
+                fixed.add(dst)
+            continue
+        P[src, dst] = e[2] if weighted else 1.0
+    for j in set(range(n)) - fixed:
+        if not weighted:
+            w = 1.0 / (np.count_nonzero(P[:, j]) + 1)
+            P[:, j] *= w
+            P[j, j] = w
+        else:
+            s = float(P[:, j].sum())
+            if s > 1 + 1e-9:
+                word = "row" if push_sum else "column"
+                raise _error("edges", None, None, f"{word} {j}: the weights of agent {j} sum to {s!r} > 1, "
+                             "so its self-weight 1 - sum would be negative")
+            P[j, j] = max(0.0, 1.0 - s)
+    return P.T.copy() if push_sum else P
+
+
+# -- registry ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a generator: its name, type (int, float or str) and default."""
+
+    name: str
+    kind: type
+    default: object = REQUIRED
+
+    def check(self, gen: str, value):
+        if self.kind is int:
+            return _int(gen, self.name, value, 1)
+        if self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise _error(gen, self.name, value, "must be a finite number")
+            return float(value)
+        if not isinstance(value, str):
+            raise _error(gen, self.name, value, "must be a string")
+        return value
+
+    def __str__(self) -> str:
+        text = f"{self.name}: {self.kind.__name__}"
+        return text if self.default is REQUIRED else f"{text} = {self.default!r}"
+
+
+def _fill_n(gen: str, params: dict, n: Optional[int]) -> dict:
+    if "n" not in params:
+        if n is None:
+            raise _error(gen, "n", None, "the number of agents is unknown: give agents, n or a world size")
+        params["n"] = n
+    elif n is not None and params["n"] != n:
+        raise _error(gen, "n", params["n"], f"does not match the {n} agents of the topology")
+    return params
+
+
+def _fill_pair(gen: str, a: str, b: str, params: dict, n: Optional[int], pick) -> dict:
+    """Fill the two factors a * b = n of a two-level shape from n, or check them against it."""
+    have_a, have_b = a in params, b in params
+    if have_a and have_b:
+        x, y = params[a], params[b]
+        if n is not None and isinstance(x, int) and isinstance(y, int) and x * y != n:
+            raise _error(gen, a, x, f"{a} * {b} = {x} * {y} = {x * y} does not match the {n} agents")
+        return params
+    if n is None:
+        raise _error(gen, a if not have_a else b, None, "the number of agents is unknown: give both "
+                     f"{a} and {b}, agents, or a world size")
+    if not have_a and not have_b:
+        params[a], params[b] = pick(n)
+        return params
+    given, other = (a, b) if have_a else (b, a)
+    x = _int(gen, given, params[given], 1)
+    if n % x:
+        raise _error(gen, given, x, f"does not divide the {n} agents")
+    params[other] = n // x
+    return params
+
+
+def _torus_shape(n: int) -> tuple[int, int]:
+    rows = max((r for r in range(3, math.isqrt(n) + 1) if n % r == 0 and n // r >= 3), default=None)
+    if rows is None:
+        raise _error("torus", "rows", None, f"{n} agents cannot form a torus with both sides >= 3; give rows and cols")
+    return rows, n // rows
+
+
+def _hier_shape(n: int):
+    raise _error("hierarchical", "nodes", None, f"give nodes or per_node (the {n} agents do not fix the split)")
+
+
+def _fill_two(params: dict, n: Optional[int]) -> dict:
+    if n is not None and n != 2:
+        raise _error("two_agent", None, None, f"Lookahead has exactly 2 agents (fast 0, slow 1), not {n}")
+    return params
+
+
+@dataclass(frozen=True)
+class Generator:
+    """A registered generator: call it uniformly with :meth:`phases`.
+
+    ``static`` generators return one matrix, the others a list of phases.
+    ``roles`` gives default agent roles ("fast"/"slow"), or None for all fast.
+    """
+
+    name: str
+    func: Callable
+    params: tuple
+    static: bool
+    fill: Callable[[dict, Optional[int]], dict]
+    roles: Optional[tuple] = None
+    summary: str = field(default="", compare=False)
+
+    def signature(self) -> str:
+        return f"{self.name}({', '.join(str(p) for p in self.params)})"
+
+    def phases(self, n: Optional[int] = None, /, **params) -> list[Phase]:
+        """Build the generator's phases from keyword ``params``; ``n`` fills or checks its size.
+
+        Raises :class:`TopologyError` (with attribute ``key``: the bad parameter, or None).
+        """
+        known = {p.name: p for p in self.params}
+        for key in params:
+            if key not in known:
+                raise _error(self.name, key, params[key],
+                             f"unknown parameter; {self.name} takes {self.signature()}")
+        params = self.fill(dict(params), n)
+        args = {}
+        for p in self.params:
+            if p.name in params:
+                args[p.name] = p.check(self.name, params[p.name])
+            elif p.default is REQUIRED:
+                raise _error(self.name, p.name, None, f"missing required parameter of {self.signature()}")
+        out = self.func(**args)
+        phases = [Phase(out, 1, self.name)] if isinstance(out, np.ndarray) else list(out)
+        size = phases[0].matrix.shape[0]
+        if n is not None and size != n:
+            raise _error(self.name, None, None, f"gives {size} agents, not {n}")
+        return phases
+
+
+def _reg(name, func, params, static, fill, roles=None) -> Generator:
+    return Generator(name, func, tuple(params), static, fill, roles, (func.__doc__ or "").split("\n")[0])
+
+
+_N = (Param("n", int),)
+GENERATORS: dict[str, Generator] = {
+    g.name: g
+    for g in (
+        _reg("ring", ring, _N, True, lambda p, n: _fill_n("ring", p, n)),
+        _reg("torus", torus, (Param("rows", int), Param("cols", int)), True,
+             lambda p, n: _fill_pair("torus", "rows", "cols", p, n, _torus_shape)),
+        _reg("complete", complete, _N, True, lambda p, n: _fill_n("complete", p, n)),
+        _reg("star", star, _N, True, lambda p, n: _fill_n("star", p, n)),
+        _reg("hypercube", hypercube, _N, True, lambda p, n: _fill_n("hypercube", p, n)),
+        _reg("exponential", exponential, _N, True, lambda p, n: _fill_n("exponential", p, n)),
+        _reg("one_peer_exponential", one_peer_exponential, _N, False,
+             lambda p, n: _fill_n("one_peer_exponential", p, n)),
+        _reg("two_agent", two_agent, (Param("alpha", float, 0.5), Param("tau", int, 5)), False, _fill_two,
+             roles=("fast", "slow")),
+        _reg("hierarchical", hierarchical,
+             (Param("nodes", int), Param("per_node", int), Param("inter", str, "ring")), False,
+             lambda p, n: _fill_pair("hierarchical", "nodes", "per_node", p, n, _hier_shape)),
+    )
+}
+
+
+def generator_names() -> list[str]:
+    """The names of the built-in generators, sorted."""
+    return sorted(GENERATORS)
