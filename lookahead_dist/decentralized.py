@@ -1,0 +1,215 @@
+"""Decentralized training as an optimizer wrapper: base step on the fast agent, then X <- X P_k.
+
+:class:`Decentralized` wraps any torch.optim optimizer on every rank. Which
+algorithm runs is decided only by the topology: a gossip graph gives D-PSGD, a
+push-sum file gives Stochastic Gradient Push, identity phases with a periodic
+exact average give local SGD, the two-agent file gives Lookahead with the slow
+model on its own rank. Nothing here knows those names.
+
+One step on rank r (k counts optimizer steps from 0)::
+
+    x_r   <- base optimizer step on x_r          (only if a fast agent lives here)
+    X     <- X P_k                                (engine: all-reduce / exchange / local)
+
+With push-sum the model holds the de-biased z = x / w between steps: the
+gradient is taken at z, the base update is subtracted from the numerator
+x = z w, the numerators and weights are mixed, and z = x / w is restored.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from lookahead_dist.comm import Comm
+from lookahead_dist.engine import MixingEngine
+from lookahead_dist.errors import ConfigError
+from lookahead_dist.flat import FlatState, flatten_module, flatten_tensors
+from lookahead_dist.optim_utils import WrapperOptimizer
+
+__all__ = ["Decentralized", "run_passive"]
+
+
+def _load_topology(topology, world_size: int):
+    from lookahead_dist import topology as topo_mod
+
+    if isinstance(topology, topo_mod.Topology):
+        return topology
+    if isinstance(topology, (str, os.PathLike, dict)):
+        return topo_mod.load(topology, world_size=world_size)
+    raise ConfigError(f"topology: expected a Topology, a YAML path or a mapping, got {type(topology).__name__}")
+
+
+class Decentralized(WrapperOptimizer):
+    """Run ``optimizer`` on this rank's fast agent and mix every agent with the topology's schedule.
+
+    Args:
+        optimizer: the base optimizer over ``model``'s parameters (any torch.optim optimizer).
+        model: this rank's model. Its parameters (and floating buffers) are re-homed into one flat
+            buffer per dtype/device, the tensors stay the same objects.
+        topology: a :class:`~lookahead_dist.topology.Topology`, a YAML file or a mapping.
+        comm: the process group wrapper (default: a new :class:`Comm` on the default group).
+        mix_buffers: mix model buffers (BatchNorm statistics) with the parameters (default) or keep them local.
+        check: compare the schedule hash across ranks before training.
+
+    At most one fast agent may live on a rank here (several agents per rank: use
+    :class:`~lookahead_dist.engine.MixingEngine` directly). Slow agents on this rank
+    start as copies of the model. A rank with no fast agent is passive: its
+    ``step()`` takes no base step and only mixes (see :func:`run_passive`).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module,
+        topology,
+        *,
+        comm: Comm | None = None,
+        mix_buffers: bool = True,
+        check: bool = True,
+    ):
+        super().__init__(optimizer)
+        self.comm = comm or Comm()
+        self.topology = _load_topology(topology, self.comm.world_size)
+        topo = self.topology
+        self.engine = MixingEngine(topo.schedule, topo.placement, self.comm, source=topo.source, check=check)
+        rank = self.comm.rank
+        local = topo.agents_on(rank)
+        fast = [a for a in local if topo.roles[a] == "fast"]
+        if len(fast) > 1:
+            raise ConfigError(
+                f"{topo.source}: rank {rank} hosts fast agents {fast}; Decentralized drives one model per rank "
+                "(use MixingEngine with one model per agent for several fast agents on a rank)"
+            )
+        self.fast_agent = fast[0] if fast else None
+        self.push_sum = topo.push_sum
+        self.model = model
+        self.mix_buffers = bool(mix_buffers)
+        params = flatten_tensors(model.named_parameters(), extra=1 if self.push_sum else 0)
+        bufs = flatten_tensors(
+            (n, b) for n, b in model.named_buffers() if b is not None and b.is_floating_point()
+        ) if self.mix_buffers else []
+        self.flat = FlatState(params, bufs)
+        buffers = self.flat.tensors()
+        if self.push_sum:
+            buffers[0][-1] = 1.0
+        for agent in local:
+            self.engine.add_agent(
+                agent, buffers if agent == self.fast_agent else [b.detach().clone() for b in buffers]
+            )
+        self._model_agent = self.fast_agent if self.fast_agent is not None else local[0]
+        self.k = 0
+
+    # -- push-sum bookkeeping ----------------------------------------------------
+    def _values(self, agent: int) -> list[torch.Tensor]:
+        """The agent's buffers without the push-sum weight slot."""
+        bufs = self.engine.agents[agent]
+        return [bufs[0][:-1]] + bufs[1:] if self.push_sum else list(bufs)
+
+    def _weight(self, agent: int) -> torch.Tensor:
+        return self.engine.agents[agent][0][-1]
+
+    def _scale(self, agent: int, to_numerator: bool) -> None:
+        w = float(self._weight(agent))
+        if w == 1.0:
+            return
+        for v in self._values(agent):
+            v.mul_(w) if to_numerator else v.div_(w)
+
+    @property
+    def weight(self) -> float:
+        """This rank's model's push-sum weight (1.0 without push-sum)."""
+        return float(self._weight(self._model_agent)) if self.push_sum else 1.0
+
+    # -- the step ----------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        local = self.engine.local_agents
+        if self.push_sum:
+            for a in local:
+                self._scale(a, to_numerator=True)
+        if self.fast_agent is not None:
+            self.optimizer.step()
+        self.engine.mix(self.k)
+        if self.push_sum:
+            for a in local:
+                self._scale(a, to_numerator=False)
+        self.k += 1
+        return loss
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Every rank's model <- the exact average of the fast agents (push-sum: sum x / sum w).
+
+        The model to evaluate and export. Push-sum weights are reset to 1.
+        """
+        fast = self.fast_agent
+        out = [torch.zeros_like(b) for b in self.engine.agents[self._model_agent]]
+        if fast is not None:
+            w = self.weight
+            for o, v in zip(out, self.engine.agents[fast]):
+                o.copy_(v)
+            if self.push_sum:
+                for o in ([out[0][:-1]] + out[1:]):
+                    o.mul_(w)  # back to numerators
+            else:
+                pass
+        count = torch.tensor([1.0 if fast is not None else 0.0], dtype=torch.float64,
+                             device=self.comm.device_for_collectives())
+        ranks = list(range(self.comm.world_size))
+        for o in out:
+            self.comm.all_reduce_sum(o, ranks)
+        self.comm.all_reduce_sum(count, ranks)
+        denom = [float(out[0][-1])] * len(out) if self.push_sum else [float(count)] * len(out)
+        model_bufs = self.engine.agents[self._model_agent]
+        for o, b, d in zip(out, model_bufs, denom):
+            b.copy_(o / d)
+        if self.push_sum:
+            model_bufs[0][-1] = 1.0
+
+    def state_dict(self) -> dict:
+        return {
+            "inner": self.optimizer.state_dict(),
+            "decentralized": {
+                "step": self.k,
+                "agents": {a: [b.detach().clone() for b in bufs] for a, bufs in self.engine.agents.items()},
+                "fingerprint": self.topology.fingerprint(),
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        own = state_dict["decentralized"]
+        if own.get("fingerprint") != self.topology.fingerprint():
+            raise ConfigError(
+                f"checkpoint was written for another topology than {self.topology.source}"
+            )
+        self.optimizer.load_state_dict(state_dict["inner"])
+        self.k = int(own["step"])
+        with torch.no_grad():
+            for a, bufs in own["agents"].items():
+                for dst, src in zip(self.engine.agents[int(a)], bufs):
+                    dst.copy_(src)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.engine.bytes_sent
+
+    def __repr__(self) -> str:
+        return (f"Decentralized({self.topology.name}, rank={self.comm.rank}, agent={self.fast_agent}, "
+                f"push_sum={self.push_sum}, inner={type(self.optimizer).__name__})")
+
+
+def run_passive(opt: Decentralized, steps: int) -> None:
+    """The loop of a rank that hosts only slow agents: no data, no forward, no backward, only mixing.
+
+    Run it for the same number of steps as the fast ranks.
+    """
+    if opt.fast_agent is not None:
+        raise ConfigError(f"rank {opt.comm.rank} hosts fast agent {opt.fast_agent}; run_passive is for slow-only ranks")
+    for _ in range(steps):
+        opt.step()

@@ -1,0 +1,283 @@
+"""SlowMo: slow momentum on top of a base algorithm, the many-agent Lookahead.
+
+Every ``tau`` base steps the workers' models are averaged exactly and the slow
+agents (a slow copy z beside each worker) take a momentum step (Wang, Tantia,
+Ballas, Rabbat, "SlowMo", ICLR 2020, Algorithm 1)::
+
+    x_bar <- (1/m) sum_i x_i               (push-sum: sum of numerators / sum of weights)
+    u     <- beta u + (z - x_bar) / gamma   (gamma: the fast learning rate at the window's start)
+    z     <- z - alpha gamma u
+    x_i   <- z for every worker              (push-sum weights reset to 1)
+
+With beta = 0 this is the matrix step z, x_i <- (1 - alpha) z + alpha x_bar;
+one worker with beta = 0 is Lookahead; alpha = 1, beta = 0 is the base
+algorithm followed by an exact average every tau steps (for local SGD, local
+SGD itself). With beta > 0 the slow step equals torch.optim.SGD(lr = alpha
+gamma, momentum = beta) on the pseudo-gradient (z - x_bar) / gamma.
+
+The base algorithm between slow steps is chosen by ``base``:
+
+* ``None`` (local SGD): no communication between slow steps; also the choice
+  for all-reduce SGD, where the user wraps the model in
+  ``torch.nn.parallel.DistributedDataParallel`` so that gradients are averaged
+  every step and the workers never drift apart;
+* a gossip topology (YAML file, mapping or Topology): D-PSGD for a
+  column-stochastic graph, SGP for a push-sum one, mixed after every base step.
+
+Defaults, from the SlowMo paper's experiments: alpha = 1.0 (the paper's main
+setting), beta = 0.5 (the middle of its 0.4-0.7 range, good across its tasks),
+tau = 12 (its default period for local SGD on ImageNet), base-optimizer
+buffers kept across slow steps (its default).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lookahead_dist.comm import Comm
+from lookahead_dist.decentralized import Decentralized
+from lookahead_dist.errors import ConfigError
+from lookahead_dist.flat import FlatState, flatten_tensors
+from lookahead_dist.optim_utils import WrapperOptimizer
+
+__all__ = ["SlowMo", "slow_momentum_update"]
+
+BUFFER_POLICIES = ("keep", "reset", "average")
+
+
+def slow_momentum_update(z, u, x_bar, *, alpha: float, beta: float, gamma: float) -> None:
+    """In place over lists of tensors: u <- beta u + (z - x_bar)/gamma; z <- z - alpha gamma u."""
+    for zi, ui, xi in zip(z, u, x_bar):
+        ui.mul_(beta).add_(zi - xi, alpha=1.0 / gamma)
+        zi.add_(ui, alpha=-alpha * gamma)
+
+
+def _check(tau, alpha, beta, buffers, max_alpha):
+    if not isinstance(tau, int) or isinstance(tau, bool) or tau < 1:
+        raise ConfigError(f"SlowMo: tau must be an integer >= 1, got {tau!r}")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not (0.0 < alpha <= max_alpha):
+        hint = "" if max_alpha > 1 else " (pass max_alpha to allow a larger slow learning rate on purpose)"
+        raise ConfigError(f"SlowMo: alpha must lie in (0, {max_alpha:g}], got {alpha!r}{hint}")
+    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or not (0.0 <= beta < 1.0):
+        raise ConfigError(f"SlowMo: beta must lie in [0, 1), got {beta!r}")
+    if buffers not in BUFFER_POLICIES:
+        raise ConfigError(f"SlowMo: buffers must be one of {BUFFER_POLICIES}, got {buffers!r}")
+
+
+class SlowMo(WrapperOptimizer):
+    """Slow momentum around any torch.optim optimizer, one worker (fast agent) per rank.
+
+    Args:
+        optimizer: the base optimizer of this rank's model.
+        model: this rank's model (its parameters become views of flat buffers).
+        tau: base steps per slow step (default 12).
+        alpha: slow learning rate (default 1.0), in (0, max_alpha].
+        beta: slow momentum (default 0.5), in [0, 1).
+        base: None for local SGD (or all-reduce SGD with DDP), else a gossip topology.
+        buffers: the base optimizer's state at a slow step: "keep" (default), "reset" or "average".
+        shard: keep only a 1/world slice of the slow copy and the momentum on each rank
+            (reduce-scatter, update, all-gather), same trajectory.
+        comm: process-group wrapper (default: the default group).
+        mix_buffers: average model buffers (BatchNorm statistics) at slow steps and in the gossip.
+        max_alpha: upper limit accepted for alpha (default 1).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module,
+        *,
+        tau: int = 12,
+        alpha: float = 1.0,
+        beta: float = 0.5,
+        base=None,
+        buffers: str = "keep",
+        shard: bool = False,
+        comm: Comm | None = None,
+        mix_buffers: bool = True,
+        max_alpha: float = 1.0,
+    ):
+        _check(tau, alpha, beta, buffers, max_alpha)
+        super().__init__(optimizer)
+        self.tau, self.alpha, self.beta, self.buffers, self.shard = tau, float(alpha), float(beta), buffers, bool(shard)
+        self.comm = comm or Comm()
+        self.model = model
+        if base is not None:
+            self.base = Decentralized(optimizer, model, base, comm=self.comm, mix_buffers=mix_buffers)
+            topo = self.base.topology
+            if topo.slow_agents or topo.n != self.comm.world_size:
+                raise ConfigError(
+                    f"{topo.source}: a SlowMo base topology needs one fast agent per rank and no slow agents "
+                    f"(got {topo.n} agents, slow {list(topo.slow_agents)}, world size {self.comm.world_size})"
+                )
+            self.flat = self.base.flat
+            self.push_sum = self.base.push_sum
+        else:
+            self.base = None
+            params = flatten_tensors(model.named_parameters())
+            bufs = flatten_tensors(
+                (n, b) for n, b in model.named_buffers() if b is not None and b.is_floating_point()
+            ) if mix_buffers else []
+            self.flat = FlatState(params, bufs)
+            self.push_sum = False
+        lrs = self.comm.all_gather_object([g["lr"] for g in optimizer.param_groups])
+        if any(lr != lrs[0] for lr in lrs):
+            raise ConfigError(
+                f"SlowMo: the base optimizer's learning rate differs across workers: {lrs}; "
+                "every worker must use the same schedule"
+            )
+        values = self._values()
+        # Sharded: this rank keeps chunk r (of ceil(N/W) elements, zero-padded) of the first group.
+        self._chunk = -(-values[0].numel() // self.comm.world_size) if self.shard else 0
+        self.slow = [self._own_part(v, i).clone() for i, v in enumerate(values)]
+        self.momentum = [torch.zeros_like(z) for z in self.slow]
+        self.k = 0
+        self.gamma = self.base_lr()
+
+    # -- layout -----------------------------------------------------------------
+    def _values(self) -> list[torch.Tensor]:
+        """This worker's flat model state, without the push-sum weight slot."""
+        bufs = self.flat.tensors()
+        return [bufs[0][:-1]] + bufs[1:] if self.push_sum else bufs
+
+    def _padded(self, v: torch.Tensor) -> torch.Tensor:
+        pad = torch.zeros(self._chunk * self.comm.world_size, dtype=v.dtype, device=v.device)
+        pad[: v.numel()].copy_(v)
+        return pad
+
+    def _own_part(self, v: torch.Tensor, group: int) -> torch.Tensor:
+        """The slice of flat group ``group`` whose slow state lives here (all of it unless sharded).
+
+        Sharding splits the first (parameter) group; the others (buffers, other dtypes) stay whole.
+        """
+        if self.shard and group == 0:
+            r = self.comm.rank
+            return self._padded(v.detach())[r * self._chunk:(r + 1) * self._chunk]
+        return v.detach()
+
+    # -- the step ---------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.k % self.tau == 0:
+            self.gamma = self.base_lr()
+        if self.base is not None:
+            loss = self.base.step(closure)
+        else:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.optimizer.step()
+        self.k += 1
+        if self.k % self.tau == 0:
+            self._slow_step()
+        return loss
+
+    def _push_sum_weight(self) -> tuple[float, float]:
+        """(this worker's weight, the sum of the workers' weights); (1, W) without push-sum."""
+        if not self.push_sum:
+            return 1.0, float(self.comm.world_size)
+        w = float(self.flat.params[0].buffer[-1])
+        wsum = torch.tensor([w], dtype=torch.float64, device=self.comm.device_for_collectives())
+        self.comm.all_reduce_sum(wsum, list(range(self.comm.world_size)))
+        return w, float(wsum)
+
+    def _average(self, groups=None) -> list[torch.Tensor]:
+        """x_bar over the workers (push-sum: sum of numerators / sum of weights), per flat group."""
+        w, denom = self._push_sum_weight()
+        values = self._values()
+        out = []
+        for i in (range(len(values)) if groups is None else groups):
+            o = values[i] * w if self.push_sum else values[i].clone()
+            self.comm.all_reduce_sum(o, list(range(self.comm.world_size)))
+            out.append(o.div_(denom))
+        return out
+
+    def _slow_step(self) -> None:
+        values = self._values()
+        if self.shard:
+            # reduce-scatter the first group, update this rank's chunk, all-gather it back.
+            w, denom = self._push_sum_weight()
+            pad = self._padded(values[0] * w if self.push_sum else values[0])
+            mine = torch.empty_like(self.slow[0])
+            self.comm.reduce_scatter_sum(mine, pad)
+            x_bar = [mine.div_(denom)] + (self._average(range(1, len(values))) if len(values) > 1 else [])
+        else:
+            x_bar = self._average()
+        slow_momentum_update(self.slow, self.momentum, x_bar, alpha=self.alpha, beta=self.beta, gamma=self.gamma)
+        if self.shard:
+            self.comm.all_gather_into(pad, self.slow[0])
+            values[0].copy_(pad[: values[0].numel()])
+            for v, z in zip(values[1:], self.slow[1:]):
+                v.copy_(z)
+        else:
+            for v, z in zip(values, self.slow):
+                v.copy_(z)
+        if self.push_sum:
+            self.flat.params[0].buffer[-1] = 1.0
+        self._buffers_at_slow_step()
+
+    def _buffers_at_slow_step(self) -> None:
+        if self.buffers == "keep":
+            return
+        if self.buffers == "reset":
+            self.optimizer.state.clear()
+            return
+        ranks = list(range(self.comm.world_size))
+        for p in [p for g in self.optimizer.param_groups for p in g["params"]]:
+            for key, t in self.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0:
+                    self.comm.all_reduce_sum(t, ranks)
+                    t.div_(self.comm.world_size)
+
+    # -- checkpoints --------------------------------------------------------------
+    def state_dict(self) -> dict:
+        own = {
+            "step": self.k,
+            "gamma": self.gamma,
+            "slow": [z.clone() for z in self.slow],
+            "momentum": [u.clone() for u in self.momentum],
+            "tau": self.tau, "alpha": self.alpha, "beta": self.beta,
+            "shard": self.shard, "world_size": self.comm.world_size,
+        }
+        if self.base is not None:
+            base = self.base.state_dict()
+            return {"inner": base["inner"], "slowmo": own, "base": base["decentralized"]}
+        return {"inner": self.optimizer.state_dict(), "slowmo": own,
+                "model": [b.detach().clone() for b in self.flat.tensors()]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        own = state_dict["slowmo"]
+        if own["world_size"] != self.comm.world_size or own["shard"] != self.shard:
+            raise ConfigError(
+                f"SlowMo checkpoint: written with world size {own['world_size']} and shard={own['shard']}, "
+                f"loading with world size {self.comm.world_size} and shard={self.shard}"
+            )
+        if self.base is not None:
+            self.base.load_state_dict({"inner": state_dict["inner"], "decentralized": state_dict["base"]})
+        else:
+            self.optimizer.load_state_dict(state_dict["inner"])
+            for dst, src in zip(self.flat.tensors(), state_dict["model"]):
+                dst.copy_(src)
+        self.k, self.gamma = int(own["step"]), float(own["gamma"])
+        self.tau, self.alpha, self.beta = own["tau"], own["alpha"], own["beta"]
+        for dst, src in zip(self.slow + self.momentum, own["slow"] + own["momentum"]):
+            dst.copy_(src)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Every worker <- the exact average of the workers (the model to evaluate and export)."""
+        for v, xb in zip(self._values(), self._average()):
+            v.copy_(xb)
+        if self.push_sum:
+            self.flat.params[0].buffer[-1] = 1.0
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.base.bytes_sent if self.base is not None else 0
+
+    def __repr__(self) -> str:
+        base = self.base.topology.name if self.base is not None else "local"
+        return f"SlowMo(tau={self.tau}, alpha={self.alpha}, beta={self.beta}, base={base}, shard={self.shard})"
