@@ -154,3 +154,68 @@ def failures(rank, world, kill_rank, kill_step):
     out["dead_after_s"] = time.monotonic() - start
     comm.close()
     return out
+
+
+def _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=None, state=None):
+    """One SlowMo configuration on this rank; returns the per-step flat params (and a checkpoint if asked)."""
+    from lookahead_dist.slowmo import SlowMo
+
+    model = copy.deepcopy(prob.module)
+    base = cfg.get("base")
+    if base is not None and not isinstance(base, dict):
+        base = os.path.join(TOPOLOGIES, base)
+    lr = cfg.get("lr", LR)
+    if cfg.get("ddp"):
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
+    else:
+        net = model
+    inner = sgd(model.parameters(), lr)
+    opt = SlowMo(inner, model, tau=cfg["tau"], alpha=cfg["alpha"], beta=cfg["beta"], base=base,
+                 buffers=cfg.get("buffers", "keep"), shard=cfg.get("shard", False), comm=comm)
+    sched = None
+    if cfg.get("lr_decay"):
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: cfg["lr_decay"] ** k)
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+        if sched is not None:
+            sched.load_state_dict(state["sched"])
+    hist = [flat_model(model)]
+    ckpt = None
+    for k in range(opt.k, steps):
+        if stop_at is not None and k == stop_at:
+            ckpt = {"opt": copy.deepcopy(opt.state_dict()), "sched": sched.state_dict() if sched else None}
+        opt.zero_grad()
+        inputs, targets = prob.data_fn(rank, k)
+        torch.nn.functional.mse_loss(net(inputs), targets).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        hist.append(flat_model(model))
+    return {"hist": hist, "ckpt": ckpt, "bytes": opt.bytes_sent}
+
+
+def slowmo_configs(rank, world, configs, steps):
+    """Run each SlowMo configuration in turn on one process group; resume checks included."""
+    from lookahead_dist.comm import Comm
+
+    comm = Comm()
+    prob = make_problem(world)
+    out = {}
+    for name, cfg in configs.items():
+        if cfg.get("resume_at") is not None:
+            full = _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=cfg["resume_at"])
+            resumed = _slowmo_run(rank, world, cfg, comm, steps, prob, state=full["ckpt"])
+            out[name] = {"full": full["hist"][-1], "resumed": resumed["hist"][-1]}
+        else:
+            out[name] = _slowmo_run(rank, world, cfg, comm, steps, prob)
+    comm.close()
+    return out
+
+
+def slowmo_lr_mismatch(rank, world):
+    from lookahead_dist.slowmo import SlowMo
+
+    model = torch.nn.Linear(2, 1)
+    SlowMo(torch.optim.SGD(model.parameters(), lr=0.1 * (rank + 1)), model)
