@@ -55,8 +55,9 @@ class Decentralized(WrapperOptimizer):
 
     At most one fast agent may live on a rank here (several agents per rank: use
     :class:`~lookahead_dist.engine.MixingEngine` directly). Slow agents on this rank
-    start as copies of the model. A rank with no fast agent is passive: its
-    ``step()`` takes no base step and only mixes (see :func:`run_passive`).
+    start as copies of the model. A rank with no fast agent is passive: its model
+    is its (first) slow agent, and its ``step()`` takes no base step and only
+    mixes (see :func:`run_passive`).
     """
 
     def __init__(
@@ -94,11 +95,12 @@ class Decentralized(WrapperOptimizer):
         buffers = self.flat.tensors()
         if self.push_sum:
             buffers[0][-1] = 1.0
+        # The model is this rank's fast agent, or on a passive rank its first slow agent.
+        self._model_agent = self.fast_agent if self.fast_agent is not None else local[0]
         for agent in local:
             self.engine.add_agent(
-                agent, buffers if agent == self.fast_agent else [b.detach().clone() for b in buffers]
+                agent, buffers if agent == self._model_agent else [b.detach().clone() for b in buffers]
             )
-        self._model_agent = self.fast_agent if self.fast_agent is not None else local[0]
         self.k = 0
 
     # -- push-sum bookkeeping ----------------------------------------------------

@@ -32,6 +32,10 @@ class WrapperOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         self.optimizer = optimizer
+        self._init_base_attributes()
+
+    def _init_base_attributes(self) -> None:
+        """What ``torch.optim.Optimizer.__init__`` creates besides the groups (also after unpickling)."""
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -65,6 +69,7 @@ class WrapperOptimizer(torch.optim.Optimizer):
     def defaults(self, value) -> None:
         self.optimizer.defaults = value
 
+    @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 

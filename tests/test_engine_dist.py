@@ -13,7 +13,7 @@ import torch
 from lookahead_dist.simulate import Reference
 from lookahead_dist.topology import load
 from tests import workers
-from tests.dist_utils import spawn
+from lookahead_dist.spawn import spawn
 
 TOL = 1e-10
 STEPS = 12
@@ -158,7 +158,11 @@ def test_slow_agent_on_its_own_rank_runs_passive_and_equals_reference():
     per_rank = spawn(workers.many_topologies, 5, ["slow_agent_own_rank.yaml"], STEPS, workers.LR)
     topo = load(os.path.join(workers.TOPOLOGIES, "slow_agent_own_rank.yaml"), world_size=5)
     runs = [r["slow_agent_own_rank.yaml"] for r in per_rank]
-    assert runs[4]["agent"] is None and len(runs[4]["hist"]) == 1  # passive: no steps of its own
+    # passive rank: its model is the slow agent, which moves only at the syncs ((k + 1) % 4 == 0)
+    hist = runs[4]["hist"]
+    assert runs[4]["agent"] is None and len(hist) == STEPS + 1
+    for k in range(STEPS):
+        assert torch.equal(hist[k + 1], hist[k]) == ((k + 1) % 4 != 0), k
     check_against_reference(topo, runs, STEPS)
 
 

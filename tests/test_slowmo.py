@@ -13,7 +13,7 @@ from lookahead_dist.mixing import Phase, Schedule
 from lookahead_dist.simulate import Reference, SlowMomentum
 from lookahead_dist.topology import load
 from tests import workers
-from tests.dist_utils import spawn
+from lookahead_dist.spawn import spawn
 
 TOL = 1e-10
 STEPS = 14

@@ -7,70 +7,10 @@ import time
 
 import torch
 
-from lookahead_dist.problems import tiny_regression
+from lookahead_dist.verify import LR, MOMENTUM, SEED, flat_model, make_problem, perturbed_start, sgd, train_rank
 
 TOPOLOGIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "topologies")
-
-SEED = 3
-LR = 0.05
-MOMENTUM = 0.9
-
-
-def make_problem(n_agents: int, seed: int = SEED):
-    return tiny_regression(n_agents, seed)
-
-
-def sgd(params, lr=LR):
-    return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
-
-
-def flat_model(model) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
-
-
-def perturbed_start(prob, agent: int, perturb: float) -> torch.Tensor:
-    """Agent ``agent``'s own starting point: the problem's x0 plus a seeded perturbation."""
-    from lookahead_dist.problems import generator
-
-    noise = torch.randn(prob.d, generator=generator(SEED, "perturb", agent), dtype=torch.float64)
-    return prob.x0 + perturb * noise
-
-
-def train_decentralized(rank, topology, steps, lr=LR, comm=None, record=False, perturb=0.0):
-    """One rank of a Decentralized run on the tiny regression problem; returns this rank's trajectory.
-
-    Returns {"agent": fast agent or None, "final": flat params, "hist": [flat params after each step]}.
-    """
-    from lookahead_dist.decentralized import Decentralized, run_passive
-    from lookahead_dist.topology import load
-
-    topo = load(topology, world_size=torch.distributed.get_world_size()) if not hasattr(topology, "schedule") else topology
-    prob = make_problem(topo.n)
-    model = copy.deepcopy(prob.module)
-    if perturb:
-        agent = topo.agents_on(rank)[0]
-        torch.nn.utils.vector_to_parameters(perturbed_start(prob, agent, perturb), model.parameters())
-    opt = Decentralized(sgd(model.parameters(), lr), model, topo, comm=comm)
-    hist = [flat_model(model)] if record else []
-    agent = opt.fast_agent
-    if agent is None:
-        run_passive(opt, steps)
-    else:
-        for k in range(steps):
-            opt.zero_grad()
-            inputs, targets = prob.data_fn(agent, k)
-            loss = torch.nn.functional.mse_loss(model(inputs), targets)
-            loss.backward()
-            opt.step()
-            if record:
-                hist.append(flat_model(model))
-    out = {"agent": agent, "final": flat_model(model), "hist": hist, "bytes": opt.bytes_sent,
-           "agents": {a: [b.clone() for b in bufs] for a, bufs in opt.engine.agents.items()},
-           "weight": opt.weight}
-    opt.finalize()
-    out["finalized"] = flat_model(model)
-    opt.comm.close()
-    return out
+__all__ = ["LR", "MOMENTUM", "SEED", "TOPOLOGIES", "flat_model", "make_problem", "perturbed_start", "sgd"]
 
 
 def many_topologies(rank, world, names, steps, lr, perturb=0.0):
@@ -81,7 +21,7 @@ def many_topologies(rank, world, names, steps, lr, perturb=0.0):
     results = {}
     for name in names:
         path = name if os.path.isabs(name) else os.path.join(TOPOLOGIES, name)
-        results[name] = train_decentralized(rank, path, steps, lr=lr, comm=comm, record=True, perturb=perturb)
+        results[name] = train_rank(rank, path, steps, lr=lr, comm=comm, record=True, perturb=perturb)
     comm.close()
     return results
 
@@ -122,14 +62,14 @@ def failures(rank, world, kill_rank, kill_step):
     comm = Comm(heartbeat=0.2)
     # 1. a file for 4 ranks on a group of `world`.
     try:
-        train_decentralized(rank, os.path.join(TOPOLOGIES, "time_varying.yaml"), 2, comm=comm)
+        train_rank(rank, os.path.join(TOPOLOGIES, "time_varying.yaml"), 2, comm=comm)
         out["world"] = "no error"
     except (TopologyError, CommError) as exc:
         out["world"] = f"{type(exc).__name__}: {exc}"
     # 2. rank 0 loads another schedule than the others.
     name = "complete.yaml" if rank == 0 else "ring.yaml"
     try:
-        train_decentralized(rank, os.path.join(TOPOLOGIES, name), 2, comm=comm)
+        train_rank(rank, os.path.join(TOPOLOGIES, name), 2, comm=comm)
         out["hash"] = "no error"
     except CommError as exc:
         out["hash"] = f"CommError: {exc}"

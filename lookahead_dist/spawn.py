@@ -1,9 +1,15 @@
-"""Spawn real gloo process groups on this machine for the multi-rank tests.
+"""Spawn a real gloo process group on this machine (CPU), for checks and tests.
 
-The TCP store is hosted by the test process itself, so it survives the death
-of any rank (the lost-peer tests kill one on purpose). Each rank's return
+:func:`spawn` starts ``world_size`` processes, each in a gloo group, runs a
+function in each and returns what each returned. The TCP store is hosted by the
+calling process, so it survives the death of any rank. Each rank's return
 value comes back through a file; an exception in a rank comes back as its
-traceback text and fails the test with it.
+traceback text.
+
+>>> def hello(rank, world_size):                      # doctest: +SKIP
+...     return rank
+>>> spawn(hello, 2)                                   # doctest: +SKIP
+[0, 1]
 """
 from __future__ import annotations
 
@@ -17,6 +23,10 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+class SpawnError(RuntimeError):
+    """One or more spawned ranks failed; the message holds their tracebacks."""
 
 
 def _entry(fn, rank, world_size, port, out_dir, timeout_s, args):
@@ -41,17 +51,36 @@ def _entry(fn, rank, world_size, port, out_dir, timeout_s, args):
             pass
 
 
+_PRELOAD = ["torch", "torch.distributed", "lookahead_dist.decentralized", "lookahead_dist.slowmo",
+            "lookahead_dist.simulate", "lookahead_dist.topology"]
+
+
+def _context():
+    """A forkserver context (torch imported once in the server, then every rank is a cheap fork of it).
+
+    The server never runs a kernel, so its children start with clean thread pools;
+    where forkserver is not available (Windows, macOS defaults aside) plain spawn is used.
+    """
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
+        return ctx
+    return mp.get_context("spawn")
+
+
 def spawn(fn, world_size: int, *args, timeout: float = 240.0, op_timeout: float = 60.0, allow_errors: bool = False):
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return the per-rank results.
 
-    ``fn`` must be importable (a module-level function). With ``allow_errors``
-    a rank's failure is returned as ("error", text) instead of failing; ranks
-    that never wrote a result (killed) give ("dead", exitcode).
+    ``fn`` must be importable (a module-level function). A rank that fails
+    raises :class:`SpawnError` with every failing rank's traceback; with
+    ``allow_errors`` each result is instead ("ok", value), ("error", text) or,
+    for a rank that never wrote one (killed), ("dead", exit code). Ranks still
+    running after ``timeout`` seconds are killed and ``TimeoutError`` is raised.
     """
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=op_timeout))
     out_dir = tempfile.mkdtemp(prefix="lookahead_dist-spawn-")
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     procs = [
         ctx.Process(target=_entry, args=(fn, r, world_size, store.port, out_dir, op_timeout, args), daemon=True)
         for r in range(world_size)
@@ -80,6 +109,6 @@ def spawn(fn, world_size: int, *args, timeout: float = 240.0, op_timeout: float 
     if not allow_errors:
         errors = [(r, res[1]) for r, res in enumerate(results) if res[0] != "ok"]
         if errors:
-            raise AssertionError("\n".join(f"rank {r}: {msg}" for r, msg in errors))
+            raise SpawnError("\n".join(f"rank {r}: {msg}" for r, msg in errors))
         return [res[1] for res in results]
     return results
