@@ -1,0 +1,514 @@
+"""Single-process float64 reference engine: X_{k+1} = (X_k - G_k) P_k (paper eq. 4).
+
+Every distributed algorithm of the library is checked against this module, so it
+is written to be plain rather than fast (a vectorized path exists for scale and
+is itself checked against the plain per-agent path).
+
+**Storage.** Agents are the columns of X_k; here they are stored as the *rows*
+of an (n, d) tensor Xr = X^T, so the step reads
+
+    Xr_{k+1} = P_k^T (Xr_k - Gr_k),
+
+with Gr = G^T holding each agent's base-optimizer update as a row. With a
+push-sum (row-stochastic) schedule each agent also carries a weight w (w_0 = 1),
+mixed the same way, w_{k+1} = P_k^T w_k, and its model is the de-biased
+z_i = x_i / w_i.
+
+**One step k**
+
+1. every fast agent i evaluates its stochastic gradient at its model (z_i for
+   push-sum, x_i otherwise) on its own data/noise of step k;
+2. ``grad_mixing="average"``: the fast agents' gradients are replaced by their
+   exact mean (all-reduce SGD);
+3. base step: each fast agent's torch optimizer steps its own parameter (the
+   numerator x_i for push-sum); row i of Gr_k is x_i before minus x_i after.
+   Slow agents are never stepped;
+4. mixing: Xr <- P_k^T Xr (and w <- P_k^T w);
+5. slow momentum (SlowMo), when ``(k + 1) % tau == 0``: with x_bar the exact
+   average of the fast agents (push-sum: sum of numerators / sum of weights) and
+   gamma the first fast optimizer's ``lr`` at the window's first step,
+   u <- beta u + (z - x_bar) / gamma;  z <- z - alpha gamma u; then every agent
+   (slow and fast) <- z and the push-sum weights <- 1;
+6. at a *slow step* (slow momentum ran, or P_k has an edge between a slow and a
+   fast agent) the base optimizers' state follows ``buffers``: ``"keep"``,
+   ``"reset"`` (state cleared, the optimizers restart) or ``"average"`` (every
+   floating state tensor shaped like the parameter is replaced by its mean over
+   the fast agents; step counters and scalars are kept).
+
+If every P_k has the invariant vector a (P_k a = a), y_k = X_k a obeys
+y_{k+1} = y_k - G_k a (paper eq. 8); :class:`Trace` records y_k.
+
+Example (Lookahead with SGD on a quadratic)::
+
+    >>> import torch
+    >>> from lookahead_dist.mixing import lookahead_schedule
+    >>> from lookahead_dist.problems import Quadratic
+    >>> q = Quadratic(d=4, n=2, seed=0)
+    >>> tr = simulate(lookahead_schedule(0.5, 5), ["fast", "slow"], torch.zeros(4), q,
+    ...               lambda p: torch.optim.SGD(p, lr=0.1), steps=10)
+    >>> torch.equal(tr.X[10][0], tr.X[10][1])   # x = z every tau steps (eqs. 9-10)
+    True
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lookahead_dist.errors import ConfigError, MixingError
+from lookahead_dist.mixing import Schedule
+
+__all__ = ["SlowMomentum", "Trace", "Reference", "simulate", "ROLES", "BUFFERS", "GRAD_MIXING"]
+
+ROLES = ("fast", "slow")
+BUFFERS = ("keep", "reset", "average")
+GRAD_MIXING = (None, "average")
+SPARSE_DENSITY = 0.1  # phases with fewer non-zeros than this fraction of n^2 mix with a sparse matmul
+_ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def _is_int(v, minimum: int) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= minimum
+
+
+@dataclass
+class SlowMomentum:
+    """SlowMo's outer rule: every ``tau`` steps, u <- beta u + (z - x_bar)/gamma; z <- z - alpha gamma u.
+
+    With beta = 0 it is the matrix step z, fast agents <- (1 - alpha) z + alpha x_bar.
+    """
+
+    alpha: float = 1.0
+    beta: float = 0.5
+    tau: int = 12
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        a, b, t = self.alpha, self.beta, self.tau
+        if not isinstance(a, numbers.Real) or isinstance(a, bool) or not 0.0 < a <= 1.0:
+            raise ConfigError(f"slow_momentum.alpha: must lie in (0, 1], got {a!r}")
+        if not isinstance(b, numbers.Real) or isinstance(b, bool) or not 0.0 <= b < 1.0:
+            raise ConfigError(f"slow_momentum.beta: must lie in [0, 1), got {b!r}")
+        if not _is_int(t, 1):
+            raise ConfigError(f"slow_momentum.tau: must be an integer >= 1, got {t!r}")
+
+
+@dataclass
+class Trace:
+    """What :meth:`Reference.run` recorded over steps ``start .. start + steps`` (float64 tensors).
+
+    Row s of a per-step record belongs to global step ``start + s``.
+
+    - ``y``: (steps+1, d), y_k = X_k a (for push-sum, the mean of the numerators);
+    - ``loss``, ``grad_norm``: (steps, n), each fast agent's loss and the norm of its
+      own stochastic gradient (before gradient mixing) at step k; NaN for slow agents;
+    - ``consensus``: (steps+1,), ||Z_k - z_bar 1^T||_F over the de-biased agents Z_k,
+      z_bar their mean over all agents;
+    - ``X``: {k: (n, d) de-biased agents} at the recorded steps (always the last);
+    - ``weights``: (steps+1, n) push-sum weights, or None;
+    - ``a``: the vector used for y; ``a_invariant`` says whether P_k a = a for all k.
+    """
+
+    start: int
+    y: Tensor
+    loss: Tensor
+    grad_norm: Tensor
+    consensus: Tensor
+    X: Dict[int, Tensor]
+    weights: Optional[Tensor]
+    a: Tensor
+    a_invariant: bool
+
+
+def _plain(v):
+    return v.detach().cpu().tolist() if isinstance(v, Tensor) else v
+
+
+def _hyper(opt: torch.optim.Optimizer) -> List[dict]:
+    return [{k: _plain(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+class Reference:
+    """n agents following a :class:`~lookahead_dist.mixing.Schedule`, fast ones driven by real torch optimizers.
+
+    Arguments: ``schedule`` (n agents), ``roles`` (n strings, ``"fast"`` or ``"slow"``),
+    ``x0`` ((d,) shared start, or (n, d) one row per agent), ``objective`` (see
+    :mod:`lookahead_dist.problems`), ``optimizer_factory(params) -> Optimizer``
+    (called once per fast agent on its own (d,) tensor). Keywords: ``slow_momentum``
+    (a :class:`SlowMomentum`), ``buffers`` (``"keep"``, ``"reset"``, ``"average"``),
+    ``grad_mixing`` (None or ``"average"``), ``dtype``, ``record_every`` /
+    ``record_steps`` (which steps :meth:`run` snapshots), ``invariant`` (the vector a
+    for y_k; default the schedule's, or 1/n when it has none) and ``vectorized``.
+
+    ``vectorized`` (``"auto"``, True, False): one optimizer over the whole (n, d)
+    tensor (slow rows get zero gradient and are restored after the step) and a
+    sparse matmul for sparse phases. It needs ``objective.batched_grad`` and an
+    elementwise optimizer (SGD, Adam, AdamW) that the factory builds with the same
+    hyper-parameters for every fast agent (the factory is called once per fast
+    agent, then once more on the (n, d) tensor, which must get the same ones).
+    ``"auto"`` uses it when allowed; True raises :class:`ConfigError` when not.
+
+    The slow-momentum slow model z starts at the initial model: x0 if it is (d,),
+    else the slow agents' common row (they must agree), or the fast agents' mean
+    when there is no slow agent.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        roles: Sequence[str],
+        x0,
+        objective,
+        optimizer_factory: Callable[[List[Tensor]], torch.optim.Optimizer],
+        *,
+        slow_momentum: Optional[SlowMomentum] = None,
+        buffers: str = "keep",
+        grad_mixing: Optional[str] = None,
+        dtype: torch.dtype = torch.float64,
+        record_every: Optional[int] = None,
+        record_steps: Optional[Iterable[int]] = None,
+        invariant=None,
+        vectorized="auto",
+    ):
+        if not isinstance(schedule, Schedule):
+            raise ConfigError(f"schedule: must be a lookahead_dist.mixing.Schedule, got {type(schedule).__name__}")
+        n = schedule.n
+        roles = tuple(roles) if not isinstance(roles, str) else (roles,)
+        if len(roles) != n:
+            raise ConfigError(f"roles: the schedule has {n} agents but roles has {len(roles)} entries: {list(roles)!r}")
+        for i, r in enumerate(roles):
+            if r not in ROLES:
+                raise ConfigError(f"roles[{i}]: must be 'fast' or 'slow', got {r!r}")
+        if "fast" not in roles:
+            raise ConfigError(f"roles: at least one agent must be 'fast', got {list(roles)!r}")
+        if buffers not in BUFFERS:
+            raise ConfigError(f"buffers: must be one of {BUFFERS}, got {buffers!r}")
+        if grad_mixing not in GRAD_MIXING:
+            raise ConfigError(f"grad_mixing: must be None or 'average', got {grad_mixing!r}")
+        if vectorized not in ("auto", True, False):
+            raise ConfigError(f"vectorized: must be 'auto', True or False, got {vectorized!r}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ConfigError(f"dtype: must be a floating torch dtype, got {dtype!r}")
+        if slow_momentum is not None:
+            if not isinstance(slow_momentum, SlowMomentum):
+                raise ConfigError(f"slow_momentum: must be a SlowMomentum or None, got {slow_momentum!r}")
+            slow_momentum.validate()
+        if record_every is not None and not _is_int(record_every, 1):
+            raise ConfigError(f"record_every: must be an integer >= 1 or None, got {record_every!r}")
+        steps_set = set()
+        for s in record_steps or ():
+            if not _is_int(s, 0):
+                raise ConfigError(f"record_steps: every entry must be an integer >= 0, got {s!r}")
+            steps_set.add(int(s))
+        if not callable(getattr(objective, "loss_and_grad", None)):
+            raise ConfigError(f"objective: must have a loss_and_grad(agent, step, x) method, got {objective!r}")
+        if not callable(optimizer_factory):
+            raise ConfigError(f"optimizer_factory: must be callable, got {optimizer_factory!r}")
+
+        x0 = torch.as_tensor(x0).detach().to(dtype)
+        if x0.dim() == 1 and x0.numel() > 0:
+            X0 = x0.unsqueeze(0).repeat(n, 1)
+        elif x0.dim() == 2 and x0.shape[0] == n and x0.shape[1] > 0:
+            X0 = x0.clone()
+        else:
+            raise ConfigError(f"x0: must have shape (d,) or (n, d) = ({n}, d), got {tuple(x0.shape)}")
+        if not bool(torch.isfinite(X0).all()):
+            raise ConfigError("x0: contains NaN or inf")
+
+        self.schedule, self.roles, self.n, self.d, self.dtype = schedule, roles, n, X0.shape[1], dtype
+        self.objective, self.slow_momentum = objective, slow_momentum
+        self.buffers, self.grad_mixing = buffers, grad_mixing
+        self.record_every, self.record_steps = record_every, steps_set
+        self.push_sum = schedule.push_sum
+        self.fast = [i for i, r in enumerate(roles) if r == "fast"]
+        self.slow = [i for i, r in enumerate(roles) if r == "slow"]
+        self._k = 0
+        self._x = X0  # numerators, one row per agent
+        self._w = torch.ones(n, dtype=dtype) if self.push_sum else None
+        self._update = torch.zeros_like(X0)
+        self._scratch = torch.empty_like(X0)  # reused every step: large allocations cost more than a copy
+        self._last_loss = torch.full((n,), math.nan, dtype=torch.float64)
+        self._last_gnorm = torch.full((n,), math.nan, dtype=torch.float64)
+
+        if invariant is not None:
+            a = np.asarray(invariant, dtype=np.float64)
+            if a.shape != (n,):
+                raise ConfigError(f"invariant: must have shape ({n},), got {a.shape}")
+            self.a_invariant = all(np.allclose(p.matrix @ a, a, rtol=0, atol=1e-12) for p in schedule.phases)
+        else:
+            try:
+                a, self.a_invariant = schedule.invariant_vector(), True
+            except MixingError:
+                a, self.a_invariant = np.full(n, 1.0 / n), False
+        self.a = torch.tensor(a, dtype=dtype)
+
+        if slow_momentum is not None:
+            if x0.dim() == 1:
+                z0 = x0.clone()
+            elif self.slow:
+                z0 = X0[self.slow[0]].clone()
+                if not bool((X0[self.slow] == z0).all()):
+                    raise ConfigError("x0: with slow_momentum every slow agent must start from the same row")
+            else:
+                z0 = X0[self.fast].mean(dim=0)
+            self._z, self._u, self._gamma = z0, torch.zeros_like(z0), None
+        else:
+            self._z = self._u = self._gamma = None
+
+        self._leaves = [torch.zeros(self.d, dtype=dtype) for _ in self.fast]
+        self._opts = [self._make_opt(optimizer_factory, [p]) for p in self._leaves]
+        self.vectorized = False
+        if vectorized is not False:
+            why = self._why_not_vectorized()
+            if not why:
+                whole = self._make_opt(optimizer_factory, [self._x])
+                if type(whole) is not type(self._opts[0]) or _hyper(whole) != _hyper(self._opts[0]):
+                    why = "the factory gives the stacked (n, d) tensor other hyper-parameters than the agents"
+                else:
+                    self._leaves, self._opts, self.vectorized = [self._x], [whole], True
+            if why and vectorized is True:
+                raise ConfigError(f"vectorized: True is not possible here: {why}")
+
+        roles_arr = np.array([r == "fast" for r in roles])
+        self._phases = []
+        for ph in schedule.phases:
+            P = ph.matrix
+            off = (P != 0) & ~np.eye(n, dtype=bool)
+            mixes_roles = bool((off & (roles_arr[:, None] != roles_arr[None, :])).any())
+            Pt = torch.tensor(P.T, dtype=dtype)
+            if ph.is_identity:
+                mixer = None
+            elif self.vectorized and np.count_nonzero(P) < SPARSE_DENSITY * n * n:
+                mixer = Pt.to_sparse_coo().coalesce()
+            else:
+                mixer = Pt
+            self._phases.append((mixer, mixes_roles))
+
+    # -- construction helpers ------------------------------------------------------
+    @staticmethod
+    def _make_opt(factory, params) -> torch.optim.Optimizer:
+        opt = factory(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer_factory: must return a torch.optim.Optimizer, got {type(opt).__name__}")
+        return opt
+
+    def _why_not_vectorized(self) -> str:
+        """Why one optimizer over the (n, d) tensor would not equal the per-agent optimizers ("" if it would)."""
+        if not callable(getattr(self.objective, "batched_grad", None)):
+            return "the objective has no batched_grad(step, X, agents)"
+        kinds = sorted({type(o).__name__ for o in self._opts})
+        if any(type(o) not in _ELEMENTWISE for o in self._opts) or len(kinds) != 1:
+            return f"the optimizers must all be one of SGD, Adam, AdamW, got {kinds}"
+        first = self._opts[0]
+        hyper = _hyper(first)
+        if len(hyper) != 1:
+            return "the optimizer has several param groups"
+        if any(_hyper(o) != hyper for o in self._opts[1:]):
+            return "the factory gives the fast agents different hyper-parameters"
+        return ""
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        """Number of steps taken so far."""
+        return self._k
+
+    @property
+    def X(self) -> Tensor:
+        """The de-biased models, (n, d): x_i / w_i for push-sum, x_i otherwise (a copy)."""
+        return self._debiased().clone()
+
+    @property
+    def numerators(self) -> Tensor:
+        """The stored rows x_i (push-sum numerators), (n, d) (a copy)."""
+        return self._x.clone()
+
+    @property
+    def weights(self) -> Optional[Tensor]:
+        """The push-sum weights w, (n,), or None for a column-stochastic schedule."""
+        return None if self._w is None else self._w.clone()
+
+    @property
+    def last_update(self) -> Tensor:
+        """Gr_k of the last step, (n, d): each agent's x before minus after its base step (zero rows when slow)."""
+        return self._update.clone()
+
+    @property
+    def slow_model(self) -> Optional[Tensor]:
+        """Slow momentum's z (a copy), or None without slow momentum."""
+        return None if self._z is None else self._z.clone()
+
+    @property
+    def optimizers(self) -> List[torch.optim.Optimizer]:
+        """One optimizer per fast agent (in agent order), or the single (n, d) optimizer when vectorized."""
+        return list(self._opts)
+
+    def optimizer_state(self, agent: int) -> dict:
+        """The base-optimizer state of ``agent`` ({} for a slow agent): the live (d,) tensors, on both paths."""
+        if agent not in self.fast:
+            return {}
+        if self.vectorized:
+            st = self._opts[0].state.get(self._x, {})
+            return {k: (v[agent] if isinstance(v, Tensor) and v.shape == self._x.shape else v) for k, v in st.items()}
+        r = self.fast.index(agent)
+        return dict(self._opts[r].state.get(self._leaves[r], {}))
+
+    def _debiased(self) -> Tensor:
+        x = self._x
+        return x / self._w.unsqueeze(1) if self.push_sum else x
+
+    def _lr(self) -> float:
+        return float(_plain(self._opts[0].param_groups[0]["lr"]))
+
+    # -- one step ----------------------------------------------------------------------
+    def step(self) -> None:
+        """Advance one step k -> k + 1 (stages 1-6 of the module docstring)."""
+        k, sm = self._k, self.slow_momentum
+        mixer, mixes_roles = self._phases[self.schedule.phase_index(k)]
+        if sm is not None and k % sm.tau == 0:
+            self._gamma = self._lr()
+            if not self._gamma > 0.0:
+                raise ConfigError(f"slow_momentum: needs a positive fast learning rate, got lr={self._gamma!r} "
+                                  f"at step {k}")
+        with torch.no_grad():
+            self._update.copy_(self._x)  # x before the base step; minus x after it below
+            loss, grads = self._gradients(k, self._debiased())
+            self._last_loss = torch.full((self.n,), math.nan, dtype=torch.float64)
+            self._last_gnorm = torch.full((self.n,), math.nan, dtype=torch.float64)
+            self._last_loss[self.fast] = loss.to(torch.float64)
+            self._last_gnorm[self.fast] = torch.linalg.vector_norm(grads, dim=1).to(torch.float64)
+            if self.grad_mixing == "average":
+                grads = grads.mean(dim=0, keepdim=True).expand_as(grads).clone()
+            if self.vectorized:
+                self._base_step_vectorized(grads)
+            else:
+                self._base_step_per_agent(grads)
+            self._update.sub_(self._x)
+            if mixer is not None:
+                self._mix(mixer)
+            slow_step = mixes_roles
+            if sm is not None and (k + 1) % sm.tau == 0:
+                self._slow_momentum_step()
+                slow_step = True
+            if slow_step:
+                self._sync_buffers()
+        self._k = k + 1
+
+    def _gradients(self, k: int, Z: Tensor):
+        """Losses (m,) and gradients (m, d) of the fast agents at their de-biased models."""
+        if self.vectorized:
+            rows = Z if len(self.fast) == self.n else Z[self.fast]
+            loss, G = self.objective.batched_grad(k, rows, list(self.fast))
+            return torch.as_tensor(loss).to(self.dtype), G.to(self.dtype)
+        losses, grads = [], []
+        for i in self.fast:
+            loss, g = self.objective.loss_and_grad(i, k, Z[i].clone())
+            losses.append(torch.as_tensor(loss).to(self.dtype).reshape(()))
+            grads.append(g.to(self.dtype).reshape(self.d))
+        return torch.stack(losses), torch.stack(grads)
+
+    def _base_step_per_agent(self, grads: Tensor) -> None:
+        for r, i in enumerate(self.fast):
+            p, opt = self._leaves[r], self._opts[r]
+            p.copy_(self._x[i])
+            p.grad = grads[r].clone()
+            opt.step()
+            p.grad = None
+            self._x[i] = p
+
+    def _base_step_vectorized(self, grads: Tensor) -> None:
+        x = self._x
+        if self.slow:
+            g = torch.zeros_like(x)
+            g[self.fast] = grads
+        else:
+            g = grads
+        saved = x[self.slow].clone() if self.slow else None
+        x.grad = g
+        self._opts[0].step()
+        x.grad = None
+        if saved is not None:
+            x[self.slow] = saved  # nothing ever steps a slow agent (weight decay would)
+
+    def _mix(self, mixer: Tensor) -> None:
+        """Xr <- P^T Xr and w <- P^T w."""
+        torch.mm(mixer, self._x, out=self._scratch)  # mixer is P^T, dense or sparse COO
+        self._x.copy_(self._scratch)
+        if self.push_sum:
+            self._w = torch.mm(mixer, self._w.unsqueeze(1)).squeeze(1)
+
+    def _slow_momentum_step(self) -> None:
+        sm, gamma = self.slow_momentum, self._gamma
+        if self.push_sum:
+            x_bar = self._x[self.fast].sum(dim=0) / self._w[self.fast].sum()
+        else:
+            x_bar = self._x[self.fast].mean(dim=0)
+        self._u = sm.beta * self._u + (self._z - x_bar) / gamma
+        self._z = self._z - sm.alpha * gamma * self._u
+        self._x.copy_(self._z.expand_as(self._x))
+        if self.push_sum:
+            self._w = torch.ones_like(self._w)
+
+    def _sync_buffers(self) -> None:
+        if self.buffers == "reset":
+            for opt in self._opts:
+                opt.state.clear()
+        elif self.buffers == "average":
+            if self.vectorized:
+                for v in self._opts[0].state.get(self._x, {}).values():
+                    if isinstance(v, Tensor) and v.is_floating_point() and v.shape == self._x.shape:
+                        v[self.fast] = v[self.fast].mean(dim=0)
+                return
+            states = [opt.state.get(p, {}) for opt, p in zip(self._opts, self._leaves)]
+            for key, v0 in states[0].items():
+                if isinstance(v0, Tensor) and v0.is_floating_point() and v0.shape == (self.d,):
+                    mean = torch.stack([st[key] for st in states]).mean(dim=0)
+                    for st in states:
+                        st[key].copy_(mean)
+
+    # -- runs ---------------------------------------------------------------------------
+    def run(self, steps: int) -> Trace:
+        """Take ``steps`` steps and return what was recorded (see :class:`Trace`)."""
+        if not _is_int(steps, 0):
+            raise ConfigError(f"steps: must be an integer >= 0, got {steps!r}")
+        k0, n, d = self._k, self.n, self.d
+        end = k0 + steps
+        snap = {k for k in self.record_steps if k0 <= k <= end} | {end}
+        if self.record_every is not None:
+            snap |= {k for k in range(k0, end + 1) if k % self.record_every == 0}
+        f64 = torch.float64
+        y = torch.empty(steps + 1, d, dtype=f64)
+        loss = torch.empty(steps, n, dtype=f64)
+        gnorm = torch.empty(steps, n, dtype=f64)
+        cons = torch.empty(steps + 1, dtype=f64)
+        wts = torch.empty(steps + 1, n, dtype=f64) if self.push_sum else None
+        shots: Dict[int, Tensor] = {}
+
+        def record(s: int) -> None:
+            x = self._x
+            y[s] = (self.a @ x).to(f64)
+            Z = self._debiased()
+            cons[s] = torch.linalg.vector_norm(torch.sub(Z, Z.mean(dim=0), out=self._scratch), dtype=f64)
+            if wts is not None:
+                wts[s] = self._w.to(f64)
+            if k0 + s in snap:
+                shots[k0 + s] = Z.to(f64).clone()
+
+        record(0)
+        for s in range(steps):
+            self.step()
+            loss[s], gnorm[s] = self._last_loss, self._last_gnorm
+            record(s + 1)
+        return Trace(k0, y, loss, gnorm, cons, shots, wts, self.a.to(f64), self.a_invariant)
+
+
+def simulate(schedule: Schedule, roles: Sequence[str], x0, objective, optimizer_factory, steps: int, **kw) -> Trace:
+    """``Reference(schedule, roles, x0, objective, optimizer_factory, **kw).run(steps)``."""
+    return Reference(schedule, roles, x0, objective, optimizer_factory, **kw).run(steps)
