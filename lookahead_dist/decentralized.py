@@ -131,6 +131,7 @@ class Decentralized(WrapperOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.flat.check_views(full=self.k % 100 == 0)
         local = self.engine.local_agents
         if self.push_sum:
             for a in local:

@@ -49,6 +49,24 @@ class FlatState:
     def tensors(self, include_buffers: bool = True) -> list[torch.Tensor]:
         return [g.buffer for g in self.groups(include_buffers)]
 
+    def check_views(self, what: str = "model", full: bool = True) -> None:
+        """Raise if a tensor no longer views its flat buffer (the model was moved or its data replaced).
+
+        ``full=False`` checks only the first tensor of each group (moving a module moves them all).
+        """
+        from lookahead_dist.errors import ConfigError
+
+        for g in self.groups():
+            base = g.buffer.data_ptr()
+            end = base + g.buffer.numel() * g.buffer.element_size()
+            for name, t in list(zip(g.names, g.tensors))[: None if full else 1]:
+                if not (base <= t.data_ptr() < end) or t.device != g.buffer.device:
+                    raise ConfigError(
+                        f"{what}: tensor {name!r} no longer lives in the flat {g.dtype} buffer on {g.device} "
+                        f"(now {t.dtype} on {t.device}); move the model to its device and dtype before "
+                        "building the optimizer wrapper, not after"
+                    )
+
     def clone(self) -> list[torch.Tensor]:
         """Copies of the flat buffers (e.g. a slow agent's state), in the same order."""
         return [g.buffer.detach().clone() for g in self.groups()]

@@ -168,6 +168,7 @@ class SlowMo(WrapperOptimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
+            self.flat.check_views(full=self.k % 100 == 0)
             self.optimizer.step()
         self.k += 1
         if self.k % self.tau == 0:

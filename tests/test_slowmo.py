@@ -186,3 +186,15 @@ def test_one_worker_beta_zero_is_lookahead(single_rank_group):
             opt.step()
         assert rel_err(workers.flat_model(m2), workers.flat_model(m1)) <= 1e-12
     sm.comm.close()
+
+
+def test_moving_the_model_after_wrapping_is_a_clear_error(single_rank_group):
+    from lookahead_dist.slowmo import SlowMo
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    opt = SlowMo(torch.optim.SGD(model.parameters(), lr=0.1), model, tau=2)
+    model.double()  # replaces every parameter's data: they no longer live in the flat buffer
+    model(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    with pytest.raises(ConfigError, match=r"tensor '0.weight' no longer lives in the flat torch.float32 buffer"):
+        opt.step()
+    opt.comm.close()
