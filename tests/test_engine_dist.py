@@ -190,3 +190,12 @@ def test_failures_are_loud_and_name_the_problem():
         assert "differ" in out["hash"] and "rank(s) [1, 2]" in out["hash"] or "rank(s) [0]" in out["hash"], out["hash"]
         assert "lost peer rank(s) [1]" in out["dead"], out["dead"]
         assert out["dead_after_s"] < 60
+
+
+def test_model_buffers_are_mixed_by_default_or_kept_local():
+    results = spawn(workers.batchnorm_buffers, 4)
+    for rank, res in enumerate(results):
+        mean, var, _ = res[True]
+        assert torch.allclose(mean, torch.full((4,), 1.5)) and torch.allclose(var, torch.full((4,), 2.5))
+        mean, var, _ = res[False]
+        assert torch.equal(mean, torch.full((4,), float(rank))) and torch.equal(var, torch.full((4,), 1.0 + rank))

@@ -125,7 +125,12 @@ def _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=None, state=None):
     ckpt = None
     for k in range(opt.k, steps):
         if stop_at is not None and k == stop_at:
-            ckpt = {"opt": copy.deepcopy(opt.state_dict()), "sched": sched.state_dict() if sched else None}
+            import io
+
+            blob = io.BytesIO()  # through torch.save / torch.load, as a checkpoint file would go
+            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict() if sched else None}, blob)
+            blob.seek(0)
+            ckpt = torch.load(blob, map_location="cpu", weights_only=False)
         opt.zero_grad()
         inputs, targets = prob.data_fn(rank, k)
         torch.nn.functional.mse_loss(net(inputs), targets).backward()
@@ -159,3 +164,27 @@ def slowmo_lr_mismatch(rank, world):
 
     model = torch.nn.Linear(2, 1)
     SlowMo(torch.optim.SGD(model.parameters(), lr=0.1 * (rank + 1)), model)
+
+
+def batchnorm_buffers(rank, world):
+    """Model buffers (BatchNorm running statistics) are mixed with the parameters, or kept local by option."""
+    from lookahead_dist.comm import Comm
+    from lookahead_dist.decentralized import Decentralized
+
+    comm = Comm()
+    out = {}
+    for mix in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        with torch.no_grad():
+            model[1].running_mean.fill_(float(rank))
+            model[1].running_var.fill_(1.0 + rank)
+        opt = Decentralized(torch.optim.SGD(model.parameters(), lr=0.0), model,
+                            os.path.join(TOPOLOGIES, "complete.yaml"), comm=comm, mix_buffers=mix)
+        model.eval()
+        model(torch.ones(2, 3)).sum().backward()
+        opt.step()
+        out[mix] = (model[1].running_mean.clone(), model[1].running_var.clone(),
+                    int(model[1].num_batches_tracked))
+    comm.close()
+    return out
