@@ -62,7 +62,7 @@ class MixingEngine:
         self.plans: list[Plan] = [compile_plan(ph.matrix, self.placement, self.rank) for ph in schedule.phases]
         self.local_agents = tuple(i for i, r in enumerate(self.placement) if r == self.rank)
         self.agents: dict[int, list[torch.Tensor]] = {}
-        self._recv_cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._scratch_cache: dict[tuple, torch.Tensor] = {}
         self.bytes_sent = 0
 
     # -- agents -----------------------------------------------------------------
@@ -115,7 +115,8 @@ class MixingEngine:
                 buf = self.agents[ar.receivers[0]][g]
                 buf.mul_(ar.coeffs[0][1])
             else:
-                buf = torch.zeros_like(self.agents[ar.receivers[0]][g])
+                buf = self._scratch(("allreduce", ar.ranks, g), self.agents[ar.receivers[0]][g])
+                buf.zero_()
                 for i, c in ar.coeffs:
                     buf.add_(self.agents[i][g], alpha=c)
             self.comm.all_reduce_sum(buf, ar.ranks)
@@ -133,14 +134,17 @@ class MixingEngine:
                     sends.append((peer, self.agents[i][g]))
             for peer, agents in ex.recvs:
                 for i in agents:
-                    key = (i, g, peer)
-                    if key not in self._recv_cache:
-                        ref = next(iter(self.agents.values()))[g]
-                        self._recv_cache[key] = torch.empty_like(ref)
-                    received[(i, g)] = self._recv_cache[key]
+                    received[(i, g)] = self._scratch(("recv", i, g, peer), next(iter(self.agents.values()))[g])
                     recvs.append((peer, received[(i, g)]))
         self.comm.exchange(sends, recvs)
         self._combine(ex.combine, received, ngroups)
+
+    def _scratch(self, key, like: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped like ``like``, allocated once per key and reused every step."""
+        buf = self._scratch_cache.get(key)
+        if buf is None:
+            buf = self._scratch_cache[key] = torch.empty_like(like)
+        return buf
 
     def _combine(self, combine, received, ngroups: int) -> None:
         """x_j <- sum_i w_ij x_i for each local receiver j, reading sources before any write."""
@@ -149,7 +153,7 @@ class MixingEngine:
         for g in range(ngroups):
             outs = []
             for j, ws in combine:
-                dst = self.agents[j][g] if in_place else torch.empty_like(self.agents[j][g])
+                dst = self.agents[j][g] if in_place else self._scratch(("combine", j, g), self.agents[j][g])
                 self_w = next((w for i, w in ws if i == j), 0.0)
                 if in_place:
                     if self_w == 0.0:

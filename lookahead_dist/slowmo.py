@@ -47,9 +47,13 @@ BUFFER_POLICIES = ("keep", "reset", "average")
 
 
 def slow_momentum_update(z, u, x_bar, *, alpha: float, beta: float, gamma: float) -> None:
-    """In place over lists of tensors: u <- beta u + (z - x_bar)/gamma; z <- z - alpha gamma u."""
+    """In place over lists of tensors: u <- beta u + (z - x_bar)/gamma; z <- z - alpha gamma u.
+
+    ``x_bar`` serves as scratch: it is overwritten with z - x_bar (no temporaries are allocated).
+    """
     for zi, ui, xi in zip(z, u, x_bar):
-        ui.mul_(beta).add_(zi - xi, alpha=1.0 / gamma)
+        torch.sub(zi, xi, out=xi)
+        ui.mul_(beta).add_(xi, alpha=1.0 / gamma)
         zi.add_(ui, alpha=-alpha * gamma)
 
 
@@ -132,6 +136,8 @@ class SlowMo(WrapperOptimizer):
         self._chunk = -(-values[0].numel() // self.comm.world_size) if self.shard else 0
         self.slow = [self._own_part(v, i).clone() for i, v in enumerate(values)]
         self.momentum = [torch.zeros_like(z) for z in self.slow]
+        self._pad = self._mine = None  # sharded slow step's scratch, allocated once
+        self._slow_bytes = 0
         self.k = 0
         self.gamma = self.base_lr()
 
@@ -196,24 +202,37 @@ class SlowMo(WrapperOptimizer):
         return out
 
     def _slow_step(self) -> None:
+        """x_bar, then the slow-momentum rule, then every worker <- z; the model's own buffers are the scratch."""
         values = self._values()
+        w, denom = self._push_sum_weight()
+        if self.push_sum:
+            for v in values:
+                v.mul_(w)  # numerators, summed below
+        ranks = list(range(self.comm.world_size))
         if self.shard:
             # reduce-scatter the first group, update this rank's chunk, all-gather it back.
-            w, denom = self._push_sum_weight()
-            pad = self._padded(values[0] * w if self.push_sum else values[0])
-            mine = torch.empty_like(self.slow[0])
-            self.comm.reduce_scatter_sum(mine, pad)
-            x_bar = [mine.div_(denom)] + (self._average(range(1, len(values))) if len(values) > 1 else [])
+            if self._pad is None:
+                self._pad = torch.zeros(self._chunk * self.comm.world_size, dtype=values[0].dtype,
+                                        device=values[0].device)
+                self._mine = torch.empty_like(self.slow[0])
+            self._pad[: values[0].numel()].copy_(values[0])
+            self.comm.reduce_scatter_sum(self._mine, self._pad)
+            x_bar = [self._mine] + values[1:]
         else:
-            x_bar = self._average()
+            x_bar = values
+        p = self.comm.world_size
+        for i, xb in enumerate(x_bar):
+            if not (self.shard and i == 0):
+                self.comm.all_reduce_sum(xb, ranks)
+            xb.div_(denom)
+        # a ring all-reduce, or reduce-scatter + all-gather, sends 2 (p - 1) / p of each buffer
+        self._slow_bytes += sum(2 * (p - 1) * v.numel() * v.element_size() // p for v in values)
         slow_momentum_update(self.slow, self.momentum, x_bar, alpha=self.alpha, beta=self.beta, gamma=self.gamma)
         if self.shard:
-            self.comm.all_gather_into(pad, self.slow[0])
-            values[0].copy_(pad[: values[0].numel()])
-            for v, z in zip(values[1:], self.slow[1:]):
-                v.copy_(z)
-        else:
-            for v, z in zip(values, self.slow):
+            self.comm.all_gather_into(self._pad, self.slow[0])
+            values[0].copy_(self._pad[: values[0].numel()])
+        for i, (v, z) in enumerate(zip(values, self.slow)):
+            if not (self.shard and i == 0):
                 v.copy_(z)
         if self.push_sum:
             self.flat.params[0].buffer[-1] = 1.0
@@ -277,7 +296,8 @@ class SlowMo(WrapperOptimizer):
 
     @property
     def bytes_sent(self) -> int:
-        return self.base.bytes_sent if self.base is not None else 0
+        """Bytes this rank has sent: the base algorithm's gossip plus the slow steps' collectives."""
+        return (self.base.bytes_sent if self.base is not None else 0) + self._slow_bytes
 
     def __repr__(self) -> str:
         base = self.base.topology.name if self.base is not None else "local"
