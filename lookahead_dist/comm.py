@@ -43,14 +43,39 @@ def default_backend(device: torch.device | None = None) -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
+def import_dynamo_first() -> None:
+    """Import torch._dynamo before any process group exists.
+
+    torch.optim imports it when the first optimizer is built; imported after
+    init_process_group, it keeps the default group alive past
+    destroy_process_group (seen with torch 2.13), and the group's gloo worker
+    threads can then abort the interpreter at exit ("terminate called without
+    an active exception") on whichever rank finishes first.
+    """
+    try:
+        import torch._dynamo  # noqa: F401
+    except ImportError:
+        pass
+
+
 def init_process_group(backend: str | None = None, timeout_s: float = 300.0, **kw) -> None:
     """Initialise from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) unless already done."""
     if is_initialized():
         return
+    import_dynamo_first()
     backend = backend or default_backend()
     if backend == "nccl" and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "store" not in kw and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store across restarts of the worker group; without a prefix per
+        # attempt a restarted group reads the dead group's addresses and hangs or is refused in connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False, timeout=timeout)
+        kw.update(store=dist.PrefixStore(f"lookahead_dist/attempt_{attempt}", store),
+                  rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(backend=backend, timeout=timeout, **kw)
 
 
 def destroy_process_group() -> None:

@@ -34,6 +34,9 @@ def _entry(fn, rank, world_size, port, out_dir, timeout_s, args):
     torch.set_num_threads(1)
     result = ("error", "did not finish")
     try:
+        from lookahead_dist.comm import import_dynamo_first
+
+        import_dynamo_first()
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
         dist.init_process_group(
             "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
@@ -51,7 +54,7 @@ def _entry(fn, rank, world_size, port, out_dir, timeout_s, args):
             pass
 
 
-_PRELOAD = ["torch", "torch.distributed", "lookahead_dist.decentralized", "lookahead_dist.slowmo",
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "lookahead_dist.decentralized", "lookahead_dist.slowmo",
             "lookahead_dist.simulate", "lookahead_dist.topology"]
 
 

@@ -1,0 +1,202 @@
+"""Run configs (typed, strict), the learning-rate schedule, data sharding and the models; no processes spawned."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lookahead_dist.config import REPO_ROOT, Config, load_config, resolve_topology, to_dict
+from lookahead_dist.data import build_data, epoch_order, shard_indices
+from lookahead_dist.errors import ConfigError
+from lookahead_dist.models import DigitsCNN, build_model
+from lookahead_dist.trainer import lr_at
+
+CONFIGS = REPO_ROOT / "launch" / "configs"
+
+
+def write(tmp_path, text: str) -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_need_no_file_and_match_the_spelled_out_config():
+    cfg = load_config(None, [])
+    assert (cfg.algorithm.name, cfg.model.name, cfg.data.name, cfg.steps, cfg.epochs) == (
+        "slowmo", "digits_cnn", "digits", 400, None)
+    assert to_dict(load_config(CONFIGS / "digits_slowmo.yaml")) == to_dict(Config())
+
+
+def test_default_topology_resolves_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = resolve_topology(load_config().algorithm.topology)
+    assert path == REPO_ROOT / "topologies" / "ring.yaml"
+    with pytest.raises(ConfigError, match=r"algorithm\.topology: no topology file 'nope\.yaml'"):
+        resolve_topology("nope.yaml")
+
+
+def test_unknown_key_in_file_names_file_and_key_path(tmp_path):
+    p = write(tmp_path, "optim:\n  lr: 0.1\n  lrr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown key 'optim\.lrr'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz'"):
+        load_config(write(tmp_path, "stepz: 3\n"))
+
+
+def test_unknown_key_in_override():
+    with pytest.raises(ConfigError, match=r"--set algorithm\.taux=3: unknown key 'algorithm\.taux'"):
+        load_config(None, ["algorithm.taux=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'nosuch'"):
+        load_config(None, ["nosuch.lr=3"])
+    with pytest.raises(ConfigError, match=r"expected key\.sub=value"):
+        load_config(None, ["steps"])
+    with pytest.raises(ConfigError, match=r"'optim' is a section"):
+        load_config(None, ["optim=3"])
+
+
+def test_wrong_types_in_file(tmp_path):
+    cases = {
+        "optim:\n  lr: fast\n": r"optim\.lr: expected a number, got 'fast'",
+        "steps: 1.5\n": r"steps: expected an integer or null, got 1\.5",
+        "algorithm:\n  shard: 1\n": r"algorithm\.shard: expected true or false, got 1",
+        "optim:\n  milestones: 30\n": r"optim\.milestones: expected a list of a number, got 30",
+        "optim:\n  milestones: [30, x]\n": r"optim\.milestones\[1\]: expected a number",
+        "model: resnet50\n": r"model: expected a mapping",
+        "batch_size: true\n": r"batch_size: expected an integer, got True",
+    }
+    for text, pattern in cases.items():
+        with pytest.raises(ConfigError, match=pattern):
+            load_config(write(tmp_path, text))
+
+
+def test_wrong_types_in_override():
+    with pytest.raises(ConfigError, match=r"--set steps=abc: steps: expected an integer or null, got 'abc'"):
+        load_config(None, ["steps=abc"])
+    with pytest.raises(ConfigError, match=r"optim\.nesterov: expected true or false"):
+        load_config(None, ["optim.nesterov=maybe"])
+    with pytest.raises(ConfigError, match=r"optim\.milestones: expected a list"):
+        load_config(None, ["optim.milestones=7"])
+
+
+def test_override_conversion_uses_the_field_type():
+    cfg = load_config(None, [
+        "steps=120", "optim.lr=1e-3", "optim.weight_decay=0", "algorithm.shard=true", "model.batch_norm=0",
+        "optim.milestones=[10, 20.5]", "algorithm.topology=null", "name=123", "data.path=/x y/z",
+        "optim.schedule=step", "timeout_s=60",
+    ])
+    assert cfg.steps == 120 and cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 0.0
+    assert isinstance(cfg.optim.weight_decay, float) and isinstance(cfg.timeout_s, float)
+    assert cfg.algorithm.shard is True and cfg.model.batch_norm is False
+    assert cfg.optim.milestones == [10.0, 20.5]
+    assert cfg.algorithm.topology is None
+    assert cfg.name == "123" and cfg.data.path == "/x y/z"  # strings stay verbatim
+    assert cfg.source.startswith("--set steps=120")
+
+
+def test_file_then_overrides(tmp_path):
+    p = write(tmp_path, "optim:\n  lr: 0.3\nsteps: 10\n")
+    cfg = load_config(p, ["optim.lr=0.2"])
+    assert (cfg.optim.lr, cfg.steps, cfg.optim.momentum) == (0.2, 10, 0.9)
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("optim.lr=0", r"optim\.lr must be > 0"),
+    ("optim.lr=-1", r"optim\.lr must be > 0"),
+    ("batch_size=0", r"batch_size must be >= 1"),
+    ("algorithm.tau=0", r"algorithm\.tau must be >= 1"),
+    ("algorithm.alpha=1.5", r"algorithm\.alpha must lie in \(0, 1\]"),
+    ("algorithm.beta=1", r"algorithm\.beta must lie in \[0, 1\)"),
+    ("algorithm.name=sgp", r"algorithm\.name must be one of"),
+    ("optim.schedule=linear", r"optim\.schedule must be one of"),
+    ("optim.momentum=1", r"optim\.momentum must lie in \[0, 1\)"),
+    ("epochs=3", r"steps/epochs exactly one must be set"),
+    ("data.test_fraction=1", r"data\.test_fraction must lie in \(0, 1\)"),
+    ("backend=mpi", r"backend must be auto, gloo or nccl"),
+    ("resume=true", r"resume needs out_dir"),
+    ("data.name=cifar10", r"data\.path is required for cifar10"),
+])
+def test_ranges_are_validated(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_gpu_configs_load_without_torchvision():
+    had = "torchvision" in sys.modules
+    import lookahead_dist.trainer  # noqa: F401  (data, models: nothing imports torchvision at import time)
+
+    c = load_config(CONFIGS / "cifar10_resnet34.yaml")
+    i = load_config(CONFIGS / "imagenet_resnet50.yaml")
+    assert (c.model.name, c.data.name, c.epochs, c.optim.schedule, c.optim.momentum) == (
+        "resnet34", "cifar10", 200.0, "step", 0.9)
+    assert (c.algorithm.name, c.algorithm.alpha, c.algorithm.tau) == ("lookahead", 0.5, 5)
+    assert (i.model.name, i.data.name, i.model.num_classes, i.optim.milestones) == (
+        "resnet50", "imagenet", 1000, [30.0, 60.0, 80.0])
+    for cfg in (c, i):
+        assert cfg.batch_size * 8 == 256  # 256 in total on 8 GPUs
+    for name in ("digits_gossip", "digits_lookahead"):
+        load_config(CONFIGS / f"{name}.yaml")
+    if not had:
+        assert "torchvision" not in sys.modules
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path):
+    cfg = load_config(CONFIGS / "cifar10_resnet34.yaml", [f"data.path={tmp_path / 'absent'}"])
+    with pytest.raises(ConfigError, match=r"data\.path: '.*absent' does not exist \(data\.name cifar10\)"):
+        build_data(cfg, 0, 1)
+
+
+def test_resnet_without_torchvision_is_a_clear_error():
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"model\.name resnet50 needs torchvision"):
+            build_model(load_config(CONFIGS / "imagenet_resnet50.yaml").model)
+    else:
+        pytest.skip("torchvision is installed")
+
+
+def test_learning_rate_schedules():
+    cfg = load_config(None, ["optim.schedule=step", "optim.milestones=[2, 4]", "optim.milestones_in=epochs",
+                             "optim.decay=0.5", "optim.lr=0.8", "steps=100"])
+    lrs = [lr_at(cfg, k, 100, steps_per_epoch=10) for k in (0, 19, 20, 39, 40, 99)]
+    assert lrs == [0.8, 0.8, 0.4, 0.4, 0.2, 0.2]
+    cfg = load_config(None, ["optim.warmup_steps=3", "optim.lr=0.4"])
+    assert [lr_at(cfg, k, 103, 1) for k in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert lr_at(cfg, 3, 103, 1) == pytest.approx(0.4)
+    assert lr_at(cfg, 53, 103, 1) == pytest.approx(0.2)
+    assert 0 < lr_at(cfg, 102, 103, 1) < 1e-3
+    cfg = load_config(None, ["optim.schedule=constant"])
+    assert lr_at(cfg, 399, 400, 1) == 0.1
+
+
+def test_shards_are_disjoint_and_batches_deterministic():
+    shards = [shard_indices(1437, r, 4, seed=3) for r in range(4)]
+    flat = sorted(i for s in shards for i in s.tolist())
+    assert flat == list(range(1437))
+    assert (epoch_order(shards[1], 3, 1, 0) != epoch_order(shards[1], 3, 1, 1)).any()
+    cfg = load_config(None, ["batch_size=50"])
+    a = build_data(cfg, 1, 4)
+    b = build_data(cfg, 1, 4)
+    assert a.shard_size == 359 and a.steps_per_epoch == 7 and a.test_size == 90
+    first = [x for x, _ in zip(a.batches(0), range(17))]
+    resumed = [x for x, _ in zip(b.batches(9), range(8))]
+    for (x1, y1), (x2, y2) in zip(first[9:], resumed):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert all(len(y) == 50 for _, y in first)
+    x, _ = first[0]
+    assert x.shape == (50, 1, 8, 8) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    other = next(build_data(cfg, 2, 4).batches(0))
+    assert not torch.equal(other[0], x)
+    with pytest.raises(ConfigError, match=r"batch_size: 400 is larger than this worker's shard"):
+        build_data(load_config(None, ["batch_size=400"]), 0, 4)
+
+
+def test_digits_cnn():
+    model = DigitsCNN(10, batch_norm=True)
+    n = sum(p.numel() for p in model.parameters())
+    assert 5_000 <= n <= 30_000
+    assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+    with torch.no_grad():
+        out = build_model(load_config(None, ["model.batch_norm=false"]).model)(torch.ones(1, 1, 8, 8))
+    assert not math.isnan(float(out.sum()))
