@@ -45,20 +45,11 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from benchutil import rotation  # noqa: E402
 TOPOLOGIES = os.path.join(ROOT, "topologies")
 
 TARGETS = {"engine all-reduce (complete)": 1.10, "engine gossip (ring)": 1.15}
-
-
-def rotation(names: list, rep: int) -> list:
-    """The order of repetition ``rep``: rotated by one each repetition, reversed every other cycle.
-
-    Every variant thus runs at every position and after each of its two neighbours; the order is the
-    same on every rank (the collectives of the variants must line up).
-    """
-    shift = rep % len(names)
-    order = names[shift:] + names[:shift]
-    return order[::-1] if (rep // len(names)) % 2 else order
 
 
 def make_model(layers: int, width: int, device: torch.device, seed: int = 0) -> torch.nn.Module:

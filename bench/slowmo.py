@@ -40,22 +40,13 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from benchutil import rotation  # noqa: E402
 
 TAU = 12
 TARGET_LOCAL = 0.9
 SGP_BASE = {"generator": "one_peer_exponential", "push_sum": True}
 LR, MOMENTUM = 0.01, 0.9
-
-
-def rotation(names: list, rep: int) -> list:
-    """The order of repetition ``rep``: rotated by one each repetition, reversed every other cycle.
-
-    Every variant thus runs at every position and after each of its two neighbours; the order is the
-    same on every rank (the collectives of the variants must line up).
-    """
-    shift = rep % len(names)
-    order = names[shift:] + names[:shift]
-    return order[::-1] if (rep // len(names)) % 2 else order
 
 
 def make_model(d_in: int, hidden: int, layers: int, classes: int) -> torch.nn.Module:

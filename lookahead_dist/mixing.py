@@ -81,6 +81,26 @@ def _check_entries(M: np.ndarray, name: str) -> None:
         raise MixingError(f"{name}: entry [{i}, {j}] is negative ({float(M[i, j])!r}); weights must be >= 0")
 
 
+_SUM_RULES = {
+    0: ("column", "column {i} holds the weights agent {i} takes from every agent, so it must sum to 1 "
+                  "(declare push_sum for a row-stochastic matrix)"),
+    1: ("row", "in a push-sum matrix row {i} is how agent {i} splits its mass, so it must sum to 1"),
+}
+
+
+def _check_sums(P, axis: int, tol: float, name: str) -> np.ndarray:
+    """as_matrix + finite, non-negative entries + every column (axis 0) or row (axis 1) summing to 1."""
+    M = as_matrix(P, name)
+    _check_entries(M, name)
+    sums = M.sum(axis=axis)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > tol)
+    if bad.size:
+        i = int(bad[0])
+        what, why = _SUM_RULES[axis]
+        raise MixingError(f"{name}: {what} {i} sums to {float(sums[i])!r}, not 1 (tol {tol:g}); {why.format(i=i)}")
+    return M
+
+
 def check_column_stochastic(P, tol: float = DEFAULT_TOL, name: str = "P") -> np.ndarray:
     """Validate a mixing matrix: square, finite, non-negative, every column sums to 1.
 
@@ -90,17 +110,7 @@ def check_column_stochastic(P, tol: float = DEFAULT_TOL, name: str = "P") -> np.
     >>> check_column_stochastic([[0.5, 0.5], [0.5, 0.5]]).shape
     (2, 2)
     """
-    M = as_matrix(P, name)
-    _check_entries(M, name)
-    sums = M.sum(axis=0)
-    bad = np.flatnonzero(np.abs(sums - 1.0) > tol)
-    if bad.size:
-        j = int(bad[0])
-        raise MixingError(
-            f"{name}: column {j} sums to {float(sums[j])!r}, not 1 (tol {tol:g}); column j holds the weights "
-            f"agent j takes from every agent, so it must sum to 1 (declare push_sum for a row-stochastic matrix)"
-        )
-    return M
+    return _check_sums(P, 0, tol, name)
 
 
 def check_row_stochastic(P, tol: float = DEFAULT_TOL, name: str = "P") -> np.ndarray:
@@ -108,17 +118,7 @@ def check_row_stochastic(P, tol: float = DEFAULT_TOL, name: str = "P") -> np.nda
 
     Row i holds how agent i splits its mass among the receivers.
     """
-    M = as_matrix(P, name)
-    _check_entries(M, name)
-    sums = M.sum(axis=1)
-    bad = np.flatnonzero(np.abs(sums - 1.0) > tol)
-    if bad.size:
-        i = int(bad[0])
-        raise MixingError(
-            f"{name}: row {i} sums to {float(sums[i])!r}, not 1 (tol {tol:g}); in a push-sum matrix row i "
-            f"is how agent i splits its mass, so it must sum to 1"
-        )
-    return M
+    return _check_sums(P, 1, tol, name)
 
 
 def is_column_stochastic(P, tol: float = DEFAULT_TOL) -> bool:
