@@ -15,7 +15,6 @@ import math
 import sys
 import time
 
-import numpy as np
 
 from lookahead_dist import theory as th
 

@@ -78,6 +78,30 @@ def init_process_group(backend: str | None = None, timeout_s: float = 300.0, **k
     dist.init_process_group(backend=backend, timeout=timeout, **kw)
 
 
+def init_single_process_group(backend: str = "gloo", timeout_s: float = 300.0) -> None:
+    """A 1-rank group in this process (no torchrun), so that the same code runs without launching."""
+    init_process_group(backend, timeout_s=timeout_s, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def host_store(timeout_s: float = 60.0):
+    """A TCP store served by this process on a free loopback port (``.port``), for a local process group."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def join_local_group(port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 60.0) -> None:
+    """Join the group whose store :func:`host_store` serves on ``port`` of this machine."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+    import_dynamo_first()
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def world_size() -> int:
+    """The default group's size (1 without a group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
 def destroy_process_group() -> None:
     if is_initialized():
         dist.destroy_process_group()

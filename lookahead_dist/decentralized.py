@@ -25,7 +25,7 @@ import torch
 from lookahead_dist.comm import Comm
 from lookahead_dist.engine import MixingEngine
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.flat import FlatState, flatten_module, flatten_tensors
+from lookahead_dist.flat import FlatState, flatten_tensors
 from lookahead_dist.optim_utils import WrapperOptimizer
 
 __all__ = ["Decentralized", "run_passive"]
@@ -160,8 +160,6 @@ class Decentralized(WrapperOptimizer):
             if self.push_sum:
                 for o in ([out[0][:-1]] + out[1:]):
                     o.mul_(w)  # back to numerators
-            else:
-                pass
         count = torch.tensor([1.0 if fast is not None else 0.0], dtype=torch.float64,
                              device=self.comm.device_for_collectives())
         ranks = list(range(self.comm.world_size))

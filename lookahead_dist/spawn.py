@@ -13,7 +13,6 @@ traceback text.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import pickle
 import tempfile
@@ -21,8 +20,9 @@ import time
 import traceback
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from lookahead_dist import comm
 
 
 class SpawnError(RuntimeError):
@@ -34,13 +34,7 @@ def _entry(fn, rank, world_size, port, out_dir, timeout_s, args):
     torch.set_num_threads(1)
     result = ("error", "did not finish")
     try:
-        from lookahead_dist.comm import import_dynamo_first
-
-        import_dynamo_first()
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
-        dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
-        )
+        comm.join_local_group(port, rank, world_size, "gloo", timeout_s)
         result = ("ok", fn(rank, world_size, *args))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the test
         result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -48,8 +42,7 @@ def _entry(fn, rank, world_size, port, out_dir, timeout_s, args):
         with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
         try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            comm.destroy_process_group()
         except Exception:
             pass
 
@@ -80,8 +73,7 @@ def spawn(fn, world_size: int, *args, timeout: float = 240.0, op_timeout: float 
     for a rank that never wrote one (killed), ("dead", exit code). Ranks still
     running after ``timeout`` seconds are killed and ``TimeoutError`` is raised.
     """
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=op_timeout))
+    store = comm.host_store(op_timeout)
     out_dir = tempfile.mkdtemp(prefix="lookahead_dist-spawn-")
     ctx = _context()
     procs = [

@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
@@ -75,8 +74,7 @@ def init_distributed(cfg: Config) -> torch.device:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             comm_mod.init_process_group(backend, timeout_s=cfg.timeout_s)
         else:
-            comm_mod.init_process_group(backend, timeout_s=cfg.timeout_s, store=dist.HashStore(), rank=0,
-                                        world_size=1)
+            comm_mod.init_single_process_group(backend, timeout_s=cfg.timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device

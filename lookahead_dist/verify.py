@@ -59,12 +59,11 @@ def train_rank(rank, topology, steps, lr=LR, comm=None, record=False, perturb=0.
     agent's flat buffers, "weight": push-sum weight, "bytes": bytes sent,
     "finalized": the params after ``finalize()``}.
     """
-    import torch.distributed as dist
-
+    from lookahead_dist import comm as comm_mod
     from lookahead_dist.decentralized import Decentralized, run_passive
     from lookahead_dist.topology import load
 
-    topo = topology if hasattr(topology, "schedule") else load(topology, world_size=dist.get_world_size())
+    topo = topology if hasattr(topology, "schedule") else load(topology, world_size=comm_mod.world_size())
     prob = make_problem(topo.n)
     model = copy.deepcopy(prob.module)
     if perturb:
