@@ -25,7 +25,7 @@ import torch
 from lookahead_dist.comm import Comm
 from lookahead_dist.engine import MixingEngine
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.flat import FlatState, flatten_tensors
+from lookahead_dist.flat import FlatState, flatten_tensors, without_weight
 from lookahead_dist.optim_utils import WrapperOptimizer
 
 __all__ = ["Decentralized", "run_passive"]
@@ -106,8 +106,7 @@ class Decentralized(WrapperOptimizer):
     # -- push-sum bookkeeping ----------------------------------------------------
     def _values(self, agent: int) -> list[torch.Tensor]:
         """The agent's buffers without the push-sum weight slot."""
-        bufs = self.engine.agents[agent]
-        return [bufs[0][:-1]] + bufs[1:] if self.push_sum else list(bufs)
+        return without_weight(self.engine.agents[agent], self.push_sum)
 
     def _weight(self, agent: int) -> torch.Tensor:
         return self.engine.agents[agent][0][-1]
@@ -158,7 +157,7 @@ class Decentralized(WrapperOptimizer):
             for o, v in zip(out, self.engine.agents[fast]):
                 o.copy_(v)
             if self.push_sum:
-                for o in ([out[0][:-1]] + out[1:]):
+                for o in without_weight(out, True):
                     o.mul_(w)  # back to numerators
         count = torch.tensor([1.0 if fast is not None else 0.0], dtype=torch.float64,
                              device=self.comm.device_for_collectives())

@@ -13,7 +13,12 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["FlatGroup", "FlatState", "flatten_tensors", "flatten_module"]
+__all__ = ["FlatGroup", "FlatState", "flatten_tensors", "flatten_module", "without_weight"]
+
+
+def without_weight(buffers: list[torch.Tensor], push_sum: bool) -> list[torch.Tensor]:
+    """An agent's flat buffers as views without the push-sum weight (the trailing element of the first)."""
+    return [buffers[0][:-1]] + list(buffers[1:]) if push_sum else list(buffers)
 
 
 @dataclass

@@ -20,7 +20,7 @@ compiled once per distinct phase and cached by the engine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -62,7 +62,6 @@ class Plan:
     allreduces: tuple[AllReduce, ...] = ()
     exchange: Exchange | None = None
     local: LocalCombine | None = None
-    world_ranks: tuple[int, ...] = field(default=())
 
     @property
     def is_noop(self) -> bool:
@@ -197,4 +196,4 @@ def compile_plan(P: np.ndarray, placement, rank: int) -> Plan:
             tuple(exchange_comb),
         )
     local = LocalCombine(tuple(local_comb)) if local_comb else None
-    return Plan(rank, tuple(allreduces), exchange, local, tuple(sorted(set(placement))))
+    return Plan(rank, tuple(allreduces), exchange, local)

@@ -38,7 +38,7 @@ import torch
 from lookahead_dist.comm import Comm
 from lookahead_dist.decentralized import Decentralized
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.flat import FlatState, flatten_tensors
+from lookahead_dist.flat import FlatState, flatten_tensors, without_weight
 from lookahead_dist.optim_utils import WrapperOptimizer
 
 __all__ = ["SlowMo", "slow_momentum_update"]
@@ -144,8 +144,7 @@ class SlowMo(WrapperOptimizer):
     # -- layout -----------------------------------------------------------------
     def _values(self) -> list[torch.Tensor]:
         """This worker's flat model state, without the push-sum weight slot."""
-        bufs = self.flat.tensors()
-        return [bufs[0][:-1]] + bufs[1:] if self.push_sum else bufs
+        return without_weight(self.flat.tensors(), self.push_sum)
 
     def _padded(self, v: torch.Tensor) -> torch.Tensor:
         pad = torch.zeros(self._chunk * self.comm.world_size, dtype=v.dtype, device=v.device)
@@ -189,17 +188,6 @@ class SlowMo(WrapperOptimizer):
         wsum = torch.tensor([w], dtype=torch.float64, device=self.comm.device_for_collectives())
         self.comm.all_reduce_sum(wsum, list(range(self.comm.world_size)))
         return w, float(wsum)
-
-    def _average(self, groups=None) -> list[torch.Tensor]:
-        """x_bar over the workers (push-sum: sum of numerators / sum of weights), per flat group."""
-        w, denom = self._push_sum_weight()
-        values = self._values()
-        out = []
-        for i in (range(len(values)) if groups is None else groups):
-            o = values[i] * w if self.push_sum else values[i].clone()
-            self.comm.all_reduce_sum(o, list(range(self.comm.world_size)))
-            out.append(o.div_(denom))
-        return out
 
     def _slow_step(self) -> None:
         """x_bar, then the slow-momentum rule, then every worker <- z; the model's own buffers are the scratch."""
@@ -289,10 +277,13 @@ class SlowMo(WrapperOptimizer):
     @torch.no_grad()
     def finalize(self) -> None:
         """Every worker <- the exact average of the workers (the model to evaluate and export)."""
-        for v, xb in zip(self._values(), self._average()):
-            v.copy_(xb)
-        if self.push_sum:
-            self.flat.params[0].buffer[-1] = 1.0
+        if self.base is not None:
+            self.base.finalize()  # push-sum aware: sum of numerators / sum of weights
+            return
+        ranks = list(range(self.comm.world_size))
+        for v in self._values():
+            self.comm.all_reduce_sum(v, ranks)
+            v.div_(self.comm.world_size)
 
     @property
     def bytes_sent(self) -> int:

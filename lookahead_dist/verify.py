@@ -21,12 +21,14 @@ import sys
 import torch
 
 from lookahead_dist.errors import LookaheadDistError
+from lookahead_dist.flat import without_weight
+from lookahead_dist.problems import flatten_params as flat_model  # the model's parameters as one vector
 
 SEED = 3
 LR = 0.05
 MOMENTUM = 0.9
 
-__all__ = ["main", "verify", "train_rank"]
+__all__ = ["flat_model", "main", "verify", "train_rank"]
 
 
 def make_problem(n_agents: int, seed: int = SEED):
@@ -37,10 +39,6 @@ def make_problem(n_agents: int, seed: int = SEED):
 
 def sgd(params, lr: float = LR):
     return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
-
-
-def flat_model(model) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
 def perturbed_start(prob, agent: int, perturb: float) -> torch.Tensor:
@@ -70,10 +68,8 @@ def train_rank(rank, topology, steps, lr=LR, comm=None, record=False, perturb=0.
         torch.nn.utils.vector_to_parameters(perturbed_start(prob, topo.agents_on(rank)[0], perturb),
                                             model.parameters())
     opt = Decentralized(sgd(model.parameters(), lr), model, topo, comm=comm)
-    cut = -1 if topo.push_sum else None  # drop the push-sum weight slot
-
-    def snapshot():
-        return {a: bufs[0][:cut].clone() for a, bufs in opt.engine.agents.items()}
+    def snapshot():  # each local agent's parameters (the first flat group), without the push-sum weight
+        return {a: without_weight(bufs, topo.push_sum)[0].clone() for a, bufs in opt.engine.agents.items()}
 
     hist = [flat_model(model)] if record else []
     agent_hist = [snapshot()] if record else []

@@ -59,7 +59,7 @@ def base_schedule(cfg):
     return load(os.path.join(workers.TOPOLOGIES, base), world_size=W).schedule
 
 
-def reference_hist(cfg, steps=STEPS):
+def reference_hist(cfg, steps=STEPS, weights=None):
     prob = workers.make_problem(W)
     ref = Reference(
         base_schedule(cfg), ["fast"] * W, prob.x0, prob, lambda p: workers.sgd(p, cfg.get("lr", workers.LR)),
@@ -74,6 +74,8 @@ def reference_hist(cfg, steps=STEPS):
                 for g in opt.param_groups:
                     g["lr"] = cfg.get("lr", workers.LR) * cfg["lr_decay"] ** (k + 1)
         hist.append(ref.X.clone())
+    if weights is not None:
+        weights.append(ref.weights)
     return hist
 
 
@@ -198,3 +200,14 @@ def test_moving_the_model_after_wrapping_is_a_clear_error(single_rank_group):
     with pytest.raises(ConfigError, match=r"tensor '0.weight' no longer lives in the flat torch.float32 buffer"):
         opt.step()
     opt.comm.close()
+
+
+@pytest.mark.parametrize("name", ["local", "ring", "sgp_directed", "sharded_sgp"])
+def test_finalize_leaves_every_worker_the_exact_average(runs, name):
+    """Push-sum: sum of numerators z_i w_i over the sum of weights; otherwise the plain mean."""
+    weights = []
+    Z = reference_hist(CONFIGS[name], weights=weights)[-1]
+    w = weights[0] if weights[0] is not None else torch.ones(W, dtype=torch.float64)
+    expect = (Z * w[:, None]).sum(0) / w.sum()
+    for r in range(W):
+        assert rel_err(runs[r][name]["finalized"], expect) <= TOL

@@ -138,7 +138,10 @@ def _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=None, state=None):
         if sched is not None:
             sched.step()
         hist.append(flat_model(model))
-    return {"hist": hist, "ckpt": ckpt, "bytes": opt.bytes_sent}
+    out = {"hist": hist, "ckpt": ckpt, "bytes": opt.bytes_sent}
+    opt.finalize()
+    out["finalized"] = flat_model(model)
+    return out
 
 
 def slowmo_configs(rank, world, configs, steps):
