@@ -234,6 +234,16 @@ def _model(seed: int, dtype: torch.dtype) -> torch.nn.Module:
     return DigitsCNN(10, batch_norm=False).to(dtype)
 
 
+def _train_step(cfg, k: int, model, sgd, opt, xtr, ytr, stream) -> None:
+    """One optimizer step k: the scheduled learning rate on the inner SGD, the next minibatch, step ``opt``."""
+    for group in sgd.param_groups:
+        group["lr"] = _lr(cfg, k)
+    idx = next(stream)
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+    opt.step()
+
+
 @torch.no_grad()
 def _loss(model, x, y) -> float:
     return float(F.cross_entropy(model(x), y))
@@ -321,12 +331,7 @@ def fig1_run(cfg: Fig1Config, alpha: float, seed: int, data, *, two_process: boo
             curve.append(_loss(model, xtr, ytr))
             if on_eval is not None:
                 on_eval(k)
-        for group in sgd.param_groups:
-            group["lr"] = _lr(cfg, k)
-        idx = next(stream)
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-        opt.step()
+        _train_step(cfg, k, model, sgd, opt, xtr, ytr, stream)
     curve.append(_loss(model, xtr, ytr))
     return {"curve": curve, "test_accuracy": _accuracy(model, xte, yte)}
 
@@ -481,12 +486,7 @@ def _slowmo_ranks(rank: int, world: int, cfg: SlowMoConfig, progress_path: str):
                 stream = _index_stream(len(xtr), seed, cfg.batch_size, rank, world)
                 curve = [_loss(model, xtr, ytr)] if rank == 0 else None
                 for k in range(cfg.steps):
-                    for group in sgd.param_groups:
-                        group["lr"] = _lr(cfg, k)
-                    idx = next(stream)
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-                    opt.step()
+                    _train_step(cfg, k, model, sgd, opt, xtr, ytr, stream)
                     if rank == 0 and (k + 1) % cfg.eval_every == 0 and k + 1 < cfg.steps:
                         curve.append(_loss(model, xtr, ytr))  # after a slow step: the consensus model z
                         _write_progress(progress_path, done + k + 1)
