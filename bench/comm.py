@@ -277,7 +277,7 @@ def main(argv=None) -> int:
         return 0 if met or not args.strict else 1
     if args.backend == "nccl":
         ap.error("--backend nccl runs one rank per GPU: launch with torchrun --nproc_per_node=G")
-    from lookahead_dist.spawn import spawn
+    from lookahead_dist.testing.spawn import spawn
 
     results = spawn(worker, args.nproc, cfg, timeout=1200.0, op_timeout=300.0)
     return 0 if report(results, cfg) or not args.strict else 1

@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=4 bench/nccl_equivalence.py --backend gloo   # the same on CPUs
 
 Every rank trains the tiny float64 regression model
-(:func:`lookahead_dist.problems.tiny_regression`, SGD with momentum, the
+(:func:`lookahead_dist.reference.problems.tiny_regression`, SGD with momentum, the
 settings of :mod:`lookahead_dist.verify`) with
 :class:`~lookahead_dist.decentralized.Decentralized` on CUDA float64 tensors, for
 each of: ring gossip, the one-peer exponential graph and directed push-sum.
@@ -54,7 +54,7 @@ def topologies(world: int) -> dict:
 def train_on_device(topo, steps: int, device: torch.device, comm) -> dict:
     """This rank's run: the fast agent's flat parameters (on the CPU) after every step."""
     from lookahead_dist.decentralized import Decentralized
-    from lookahead_dist.verify import flat_model, make_problem, sgd
+    from lookahead_dist.testing.verify import flat_model, make_problem, sgd
 
     prob = make_problem(topo.n)
     model = copy.deepcopy(prob.module).to(device)
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         ap.error("launch with torchrun --nproc_per_node=G (one rank per GPU)")
     from lookahead_dist.comm import Comm, destroy_process_group, init_process_group
     from lookahead_dist.topology import load
-    from lookahead_dist.verify import deviations, reference_models
+    from lookahead_dist.testing.verify import deviations, reference_models
 
     init_process_group(args.backend)
     ok = True

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from lookahead_dist.mixing import Schedule
-from lookahead_dist.problems import Quadratic
-from lookahead_dist.simulate import Reference
+from lookahead_dist.reference.problems import Quadratic
+from lookahead_dist.reference.simulate import Reference
 
 
 def ring(n: int) -> Schedule:

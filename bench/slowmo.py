@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     cfg["window"] = cfg["window"] or args.tau
     if cfg["window"] % args.tau:
         ap.error("--window must be a multiple of --tau (each window then holds the same number of slow steps)")
-    from lookahead_dist.spawn import spawn
+    from lookahead_dist.testing.spawn import spawn
 
     results = spawn(worker, args.nproc, cfg, timeout=3600.0, op_timeout=300.0)
     return 0 if report(results, cfg) else 1

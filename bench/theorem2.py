@@ -16,7 +16,7 @@ import sys
 import time
 
 
-from lookahead_dist import theory as th
+from lookahead_dist.reference import theory as th
 
 
 def _floats(text):

@@ -10,9 +10,9 @@ import os
 import sys
 
 from lookahead_dist.comm import destroy_process_group
-from lookahead_dist.config import load_config
+from lookahead_dist.train.config import load_config
 from lookahead_dist.errors import LookaheadDistError
-from lookahead_dist.trainer import train
+from lookahead_dist.train.trainer import train
 
 
 def main(argv=None) -> int:

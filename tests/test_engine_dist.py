@@ -1,7 +1,7 @@
 """The distributed engine against the float64 reference engine, on really spawned gloo ranks.
 
 One spawned group runs many topologies in turn (starting processes costs
-seconds); the parent then replays each with :class:`lookahead_dist.simulate.Reference`
+seconds); the parent then replays each with :class:`lookahead_dist.reference.simulate.Reference`
 on the same problem, seeds and data, and compares every step.
 """
 import os
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lookahead_dist.simulate import Reference
+from lookahead_dist.reference.simulate import Reference
 from lookahead_dist.topology import load
-from tests import workers
-from lookahead_dist.spawn import spawn
+from lookahead_dist.testing import workers
+from lookahead_dist.testing.spawn import spawn
 
 TOL = 1e-10
 STEPS = 12

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from tests.local_placement import SHIPPED, TOL, one_rank_group, run_all_on_one_rank
+from lookahead_dist.testing.local_placement import SHIPPED, TOL, one_rank_group, run_all_on_one_rank
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -33,7 +33,7 @@ def test_all_agents_on_one_gpu_equal_reference(nccl_group, name):
 
 
 def _problem():
-    from lookahead_dist.problems import tiny_regression
+    from lookahead_dist.reference.problems import tiny_regression
 
     return tiny_regression(1, seed=3)
 

@@ -16,7 +16,7 @@ y_{k+1} = y_k - alpha gamma g(x_k; xi_k) (eq. 8).
 
 Example::
 
-    >>> from lookahead_dist import theory
+    >>> from lookahead_dist.reference import theory
     >>> theory.satisfies_step_size_condition(alpha=0.5, gamma=0.05, L=5.0, tau=5)
     True
     >>> round(theory.bound(0.5, 0.05, 5.0, 1.0, 5, 1000, f_gap=2.0), 6)

@@ -46,12 +46,12 @@ import yaml
 
 from lookahead_dist import comm as comm_mod
 from lookahead_dist.comm import Comm
-from lookahead_dist.config import Config, resolve_topology, to_dict
-from lookahead_dist.data import build_data, check_data_path
+from lookahead_dist.train.config import Config, resolve_topology, to_dict
+from lookahead_dist.train.data import build_data, check_data_path
 from lookahead_dist.decentralized import Decentralized
 from lookahead_dist.errors import ConfigError, DivergenceError
 from lookahead_dist.lookahead import Lookahead
-from lookahead_dist.models import build_model
+from lookahead_dist.train.models import build_model
 from lookahead_dist.slowmo import SlowMo
 
 __all__ = ["init_distributed", "lr_at", "train"]

@@ -48,7 +48,7 @@ def import_torchvision(what: str):
 
 
 def build_model(cfg, small_inputs: bool = False) -> nn.Module:
-    """The model named by ``cfg`` (a :class:`~lookahead_dist.config.ModelConfig`).
+    """The model named by ``cfg`` (a :class:`~lookahead_dist.train.config.ModelConfig`).
 
     ``small_inputs`` (32x32 images, CIFAR-10): a ResNet gets the usual CIFAR stem, a 3x3 stride-1
     first convolution and no max-pool, instead of the ImageNet stem that shrinks 32x32 to 8x8.

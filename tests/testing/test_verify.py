@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from lookahead_dist import verify
-from tests.workers import TOPOLOGIES
+from lookahead_dist.testing.workers import TOPOLOGIES
 
 
 def test_verify_passes_on_the_slow_agent_example_and_reports_each_step():

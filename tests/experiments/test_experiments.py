@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from lookahead_dist import experiments as ex
-from lookahead_dist import experiments_report as rep
+from lookahead_dist.experiments import runs as ex
+from lookahead_dist.experiments import report as rep
 from lookahead_dist.errors import ConfigError
 
 pytest.importorskip("sklearn")

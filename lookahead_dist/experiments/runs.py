@@ -27,9 +27,9 @@ through exactly the code of the full one.
   ``tol`` relative. float64, because in float32 the one-ulp difference
   between z + alpha (x - z) and alpha x + (1 - alpha) z grows over a
   training run to well above 1e-6.
-* ``theorem2``: :func:`~lookahead_dist.theory.empirical_gradient_norm` on the
-  rippled quadratic against :func:`~lookahead_dist.theory.bound` (14), on a
-  grid of alpha, tau and gamma, and :func:`~lookahead_dist.theory.recommended_alpha`
+* ``theorem2``: :func:`~lookahead_dist.reference.theory.empirical_gradient_norm` on the
+  rippled quadratic against :func:`~lookahead_dist.reference.theory.bound` (14), on a
+  grid of alpha, tau and gamma, and :func:`~lookahead_dist.reference.theory.recommended_alpha`
   against the alpha with the lowest measured value (the same noise for every
   alpha of a cell).
 * ``slowmo``: :class:`SlowMo` with alpha = 1 over local SGD and over SGP
@@ -54,11 +54,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lookahead_dist.data import epoch_order, load_digits_split, shard_indices
+from lookahead_dist.train.data import epoch_order, load_digits_split, shard_indices
 from lookahead_dist.decentralized import Decentralized, run_passive
 from lookahead_dist.errors import ConfigError, LookaheadDistError
 from lookahead_dist.lookahead import Lookahead
-from lookahead_dist.models import DigitsCNN
+from lookahead_dist.train.models import DigitsCNN
 from lookahead_dist.slowmo import SlowMo
 
 __all__ = ["EXPERIMENTS", "ExperimentError", "Fig1Config", "Progress", "SlowMoConfig", "Theorem2Config",
@@ -167,7 +167,7 @@ class _SpawnJob:
     """``spawn(fn, world, *args, progress_path)`` in a background thread; ``done()`` reads rank 0's progress."""
 
     def __init__(self, fn, world: int, *args, timeout: float):
-        from lookahead_dist.spawn import spawn
+        from lookahead_dist.testing.spawn import spawn
 
         fd, self.path = tempfile.mkstemp(prefix="lookahead_dist-progress-")
         os.close(fd)
@@ -210,7 +210,7 @@ def _digits(dtype: torch.dtype):
 def _index_stream(n: int, seed: int, batch_size: int, rank: int = 0, world: int = 1):
     """Batch indices of steps 0, 1, ...: rank's shard of range(n), reshuffled every epoch from (seed, rank, epoch).
 
-    The stream of :func:`lookahead_dist.data.build_data` for digits: drop-last epochs of the shard.
+    The stream of :func:`lookahead_dist.train.data.build_data` for digits: drop-last epochs of the shard.
     """
     shard = shard_indices(n, rank, world, seed)
     per_epoch = len(shard) // batch_size
@@ -282,7 +282,7 @@ def command(name: str, cfg, out: str) -> str:
 
 def _finish(name: str, cfg, out: str, record: dict, t0: float) -> dict:
     """Add the common fields, write NAME.json, NAME.png, NAME.csv and NAME.md; return the record."""
-    from lookahead_dist import experiments_report as rep
+    from lookahead_dist.experiments import report as rep
 
     record.update(experiment=name, config=dataclasses.asdict(cfg), command=command(name, cfg, out),
                   wall_time_s=time.perf_counter() - t0, machine=machine(),
@@ -417,7 +417,7 @@ def alpha_grid(step: float) -> list[float]:
 
 def run_theorem2(cfg: Theorem2Config, out: str = "results") -> dict:
     """The measured mean of ||grad f(y_k)||^2 against bound (14); recommended against best alpha."""
-    from lookahead_dist import theory as th
+    from lookahead_dist.reference import theory as th
 
     t0 = time.perf_counter()
     if any(cfg.K % tau for tau in cfg.taus) or cfg.seeds < 1:
@@ -572,15 +572,8 @@ def main(argv=None) -> int:
         for name, cls in EXPERIMENTS.items():
             record = runners[name](cls(), args.out)
             print(f"{name}: {record['wall_time_s']:.0f} s")
-    from lookahead_dist import experiments_report as rep
+    from lookahead_dist.experiments import report as rep
 
     path = rep.write_results_md(args.out, args.docs)
     print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    # Run through the imported module, so that the spawned ranks find their functions by name.
-    from lookahead_dist import experiments as _module
-
-    sys.exit(_module.main())

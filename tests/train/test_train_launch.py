@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from lookahead_dist.config import REPO_ROOT
+from lookahead_dist.train.config import REPO_ROOT
 
 TRAIN = str(REPO_ROOT / "launch" / "train.py")
 COMMON = ["--set", "steps=60", "--set", "log_every=10", "--set", "eval_every=30", "--set", "checkpoint_every=30"]

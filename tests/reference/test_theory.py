@@ -1,4 +1,4 @@
-"""Tests of lookahead_dist.theory: eqs. (13)-(15), the recommended alpha, and Theorem 2 on a test problem."""
+"""Tests of lookahead_dist.reference.theory: eqs. (13)-(15), the recommended alpha, and Theorem 2 on a test problem."""
 import math
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lookahead_dist import theory as th
+from lookahead_dist.reference import theory as th
 from lookahead_dist.errors import ConfigError
 
 

@@ -42,7 +42,7 @@ Example (Lookahead with SGD on a quadratic)::
 
     >>> import torch
     >>> from lookahead_dist.mixing import lookahead_schedule
-    >>> from lookahead_dist.problems import Quadratic
+    >>> from lookahead_dist.reference.problems import Quadratic
     >>> q = Quadratic(d=4, n=2, seed=0)
     >>> tr = simulate(lookahead_schedule(0.5, 5), ["fast", "slow"], torch.zeros(4), q,
     ...               lambda p: torch.optim.SGD(p, lr=0.1), steps=10)
@@ -140,7 +140,7 @@ class Reference:
 
     Arguments: ``schedule`` (n agents), ``roles`` (n strings, ``"fast"`` or ``"slow"``),
     ``x0`` ((d,) shared start, or (n, d) one row per agent), ``objective`` (see
-    :mod:`lookahead_dist.problems`), ``optimizer_factory(params) -> Optimizer``
+    :mod:`lookahead_dist.reference.problems`), ``optimizer_factory(params) -> Optimizer``
     (called once per fast agent on its own (d,) tensor). Keywords: ``slow_momentum``
     (a :class:`SlowMomentum`), ``buffers`` (``"keep"``, ``"reset"``, ``"average"``),
     ``grad_mixing`` (None or ``"average"``), ``dtype``, ``record_every`` /

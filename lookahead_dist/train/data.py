@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.models import import_torchvision
+from lookahead_dist.train.models import import_torchvision
 
 __all__ = ["Data", "build_data", "check_data_path", "epoch_order", "load_digits_split", "shard_indices"]
 
@@ -176,7 +176,7 @@ def _torchvision(cfg, rank: int, world: int, device, part: tuple[int, int]) -> D
 
 
 def build_data(cfg, rank: int, world_size: int, device="cpu", shard: tuple[int, int] | None = None) -> Data:
-    """Rank ``rank``'s data for the run config ``cfg`` (a :class:`~lookahead_dist.config.Config`).
+    """Rank ``rank``'s data for the run config ``cfg`` (a :class:`~lookahead_dist.train.config.Config`).
 
     ``shard``: (index, count) of this rank's training shard when not every rank trains (a rank that
     hosts only slow agents takes no data); default (rank, world_size). The test set is always split

@@ -10,7 +10,7 @@ import torch
 
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.mixing import Phase, Schedule, lookahead_matrix, lookahead_schedule
-from lookahead_dist.problems import (
+from lookahead_dist.reference.problems import (
     ModuleProblem,
     Quadratic,
     flatten_params,
@@ -19,7 +19,7 @@ from lookahead_dist.problems import (
     tiny_regression,
     unflatten,
 )
-from lookahead_dist.simulate import Reference, SlowMomentum, simulate
+from lookahead_dist.reference.simulate import Reference, SlowMomentum, simulate
 
 TOL = 1e-12
 F64 = torch.float64

@@ -8,7 +8,7 @@ parameters are views of flat buffers registered with
 momentum, slow agents no optimizer. Placing every agent on rank 0 makes every
 block of every P_k a local weighted sum (no all-reduce, no exchange), which is
 checked, and the models are compared at every step with
-:class:`~lookahead_dist.simulate.Reference` on the CPU in float64.
+:class:`~lookahead_dist.reference.simulate.Reference` on the CPU in float64.
 
 Push-sum follows the rule of :class:`~lookahead_dist.decentralized.Decentralized`:
 the push-sum weight is one trailing element of the agent's buffer, the model
@@ -31,12 +31,12 @@ from lookahead_dist.comm import Comm
 from lookahead_dist.engine import MixingEngine
 from lookahead_dist.errors import TopologyError
 from lookahead_dist.flat import flatten_tensors
-from lookahead_dist.problems import tiny_regression
-from lookahead_dist.simulate import Reference
+from lookahead_dist.reference.problems import tiny_regression
+from lookahead_dist.reference.simulate import Reference
 from lookahead_dist.topology import Topology, from_mapping, load
-from lookahead_dist.verify import SEED, flat_model, sgd
+from lookahead_dist.testing.verify import SEED, flat_model, sgd
 
-TOPOLOGIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "topologies")
+TOPOLOGIES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "topologies")
 SHIPPED = sorted(os.path.basename(p) for p in glob.glob(os.path.join(TOPOLOGIES, "*.yaml")))
 STEPS = 12
 TOL = 1e-10

@@ -5,7 +5,7 @@ The same check runs on a GPU in tests/test_gpu.py; see tests/local_placement.py.
 import pytest
 import torch
 
-from tests.local_placement import SHIPPED, TOL, one_rank_group, run_all_on_one_rank
+from lookahead_dist.testing.local_placement import SHIPPED, TOL, one_rank_group, run_all_on_one_rank
 
 
 @pytest.fixture(scope="module")

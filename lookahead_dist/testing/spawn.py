@@ -48,7 +48,7 @@ def _entry(fn, rank, world_size, port, out_dir, timeout_s, args):
 
 
 _PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "lookahead_dist.decentralized", "lookahead_dist.slowmo",
-            "lookahead_dist.simulate", "lookahead_dist.topology"]
+            "lookahead_dist.reference.simulate", "lookahead_dist.topology"]
 
 
 def _context():

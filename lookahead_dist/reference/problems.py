@@ -1,4 +1,4 @@
-"""Deterministic objectives for the reference engine (:mod:`lookahead_dist.simulate`), tests and benchmarks.
+"""Deterministic objectives for the reference engine (:mod:`lookahead_dist.reference.simulate`), tests and benchmarks.
 
 An *objective* serves n agents. Agent i's stochastic loss at step k is evaluated by
 

@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from lookahead_dist.verify import LR, MOMENTUM, SEED, flat_model, make_problem, perturbed_start, sgd, train_rank
+from lookahead_dist.testing.verify import LR, MOMENTUM, SEED, flat_model, make_problem, perturbed_start, sgd, train_rank
 
-TOPOLOGIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "topologies")
+TOPOLOGIES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "topologies")
 __all__ = ["LR", "MOMENTUM", "SEED", "TOPOLOGIES", "flat_model", "make_problem", "perturbed_start", "sgd"]
 
 

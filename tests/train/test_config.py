@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lookahead_dist.config import REPO_ROOT, Config, load_config, resolve_topology, to_dict
-from lookahead_dist.data import build_data, epoch_order, shard_indices
+from lookahead_dist.train.config import REPO_ROOT, Config, load_config, resolve_topology, to_dict
+from lookahead_dist.train.data import build_data, epoch_order, shard_indices
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.models import DigitsCNN, build_model
-from lookahead_dist.trainer import lr_at
+from lookahead_dist.train.models import DigitsCNN, build_model
+from lookahead_dist.train.trainer import lr_at
 
 CONFIGS = REPO_ROOT / "launch" / "configs"
 
@@ -123,7 +123,7 @@ def test_ranges_are_validated(override, pattern):
 
 def test_gpu_configs_load_without_torchvision():
     had = "torchvision" in sys.modules
-    import lookahead_dist.trainer  # noqa: F401  (data, models: nothing imports torchvision at import time)
+    import lookahead_dist.train.trainer  # noqa: F401  (data, models: nothing imports torchvision at import time)
 
     c = load_config(CONFIGS / "cifar10_resnet34.yaml")
     i = load_config(CONFIGS / "imagenet_resnet50.yaml")

@@ -1,0 +1,7 @@
+"""``python -m lookahead_dist.experiments``: the paper's experiments and the report."""
+
+import sys
+
+from lookahead_dist.experiments.runs import main
+
+sys.exit(main())
