@@ -32,6 +32,7 @@ buffers kept across slow steps (its default).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -57,7 +58,7 @@ def slow_momentum_update(z, u, x_bar, *, alpha: float, beta: float, gamma: float
         zi.add_(ui, alpha=-alpha * gamma)
 
 
-def _check(tau, alpha, beta, buffers, max_alpha):
+def _check(tau, alpha, beta, optimizer_state, max_alpha):
     if not isinstance(tau, int) or isinstance(tau, bool) or tau < 1:
         raise ConfigError(f"SlowMo: tau must be an integer >= 1, got {tau!r}")
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not (0.0 < alpha <= max_alpha):
@@ -65,8 +66,8 @@ def _check(tau, alpha, beta, buffers, max_alpha):
         raise ConfigError(f"SlowMo: alpha must lie in (0, {max_alpha:g}], got {alpha!r}{hint}")
     if not isinstance(beta, (int, float)) or not math.isfinite(beta) or not (0.0 <= beta < 1.0):
         raise ConfigError(f"SlowMo: beta must lie in [0, 1), got {beta!r}")
-    if buffers not in BUFFER_POLICIES:
-        raise ConfigError(f"SlowMo: buffers must be one of {BUFFER_POLICIES}, got {buffers!r}")
+    if optimizer_state not in BUFFER_POLICIES:
+        raise ConfigError(f"SlowMo: optimizer_state must be one of {BUFFER_POLICIES}, got {optimizer_state!r}")
 
 
 class SlowMo(WrapperOptimizer):
@@ -79,7 +80,8 @@ class SlowMo(WrapperOptimizer):
         alpha: slow learning rate (default 1.0), in (0, max_alpha].
         beta: slow momentum (default 0.5), in [0, 1).
         base: None for local SGD (or all-reduce SGD with DDP), else a gossip topology.
-        buffers: the base optimizer's state at a slow step: "keep" (default), "reset" or "average".
+        optimizer_state: the base optimizer's state at a slow step: "keep" (default), "reset" or "average".
+            (Formerly ``buffers=``, still accepted with a DeprecationWarning.)
         shard: keep only a 1/world slice of the slow copy and the momentum on each rank
             (reduce-scatter, update, all-gather), same trajectory.
         comm: process-group wrapper (default: the default group).
@@ -96,15 +98,30 @@ class SlowMo(WrapperOptimizer):
         alpha: float = 1.0,
         beta: float = 0.5,
         base=None,
-        buffers: str = "keep",
+        optimizer_state: str = "keep",
         shard: bool = False,
         comm: Comm | None = None,
         mix_buffers: bool = True,
         max_alpha: float = 1.0,
+        buffers: str | None = None,
     ):
-        _check(tau, alpha, beta, buffers, max_alpha)
+        if buffers is not None:
+            warnings.warn(
+                "SlowMo(buffers=...) is deprecated: the argument sets the base optimizer's state policy, "
+                "so it is now called optimizer_state=",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if optimizer_state != "keep" and optimizer_state != buffers:
+                raise ConfigError(
+                    f"SlowMo: optimizer_state={optimizer_state!r} and its deprecated spelling "
+                    f"buffers={buffers!r} disagree; pass optimizer_state only"
+                )
+            optimizer_state = buffers
+        _check(tau, alpha, beta, optimizer_state, max_alpha)
         super().__init__(optimizer)
-        self.tau, self.alpha, self.beta, self.buffers, self.shard = tau, float(alpha), float(beta), buffers, bool(shard)
+        self.tau, self.alpha, self.beta, self.shard = tau, float(alpha), float(beta), bool(shard)
+        self.optimizer_state = optimizer_state
         self.comm = comm or Comm()
         self.model = model
         if base is not None:
@@ -227,9 +244,9 @@ class SlowMo(WrapperOptimizer):
         self._buffers_at_slow_step()
 
     def _buffers_at_slow_step(self) -> None:
-        if self.buffers == "keep":
+        if self.optimizer_state == "keep":
             return
-        if self.buffers == "reset":
+        if self.optimizer_state == "reset":
             self.optimizer.state.clear()
             return
         ranks = list(range(self.comm.world_size))

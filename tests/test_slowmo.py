@@ -29,8 +29,8 @@ CONFIGS = {
     "sgp_directed": dict(tau=3, alpha=1.0, beta=0.3, base="directed_push_sum.yaml"),
     "sharded": dict(tau=3, alpha=0.8, beta=0.5, shard=True),
     "sharded_sgp": dict(tau=3, alpha=1.0, beta=0.3, base="directed_push_sum.yaml", shard=True),
-    "reset": dict(tau=3, alpha=1.0, beta=0.5, buffers="reset"),
-    "average": dict(tau=3, alpha=1.0, beta=0.5, buffers="average"),
+    "reset": dict(tau=3, alpha=1.0, beta=0.5, optimizer_state="reset"),
+    "average": dict(tau=3, alpha=1.0, beta=0.5, optimizer_state="average"),
     "lr_decay": dict(tau=4, alpha=1.0, beta=0.5, lr_decay=0.9),
     "ddp": dict(tau=3, alpha=1.0, beta=0.5, ddp=True),
     "resume": dict(tau=4, alpha=0.8, beta=0.5, base="ring.yaml", resume_at=6),
@@ -64,7 +64,7 @@ def reference_hist(cfg, steps=STEPS, weights=None):
     ref = Reference(
         base_schedule(cfg), ["fast"] * W, prob.x0, prob, lambda p: workers.sgd(p, cfg.get("lr", workers.LR)),
         slow_momentum=SlowMomentum(alpha=cfg["alpha"], beta=cfg["beta"], tau=cfg["tau"]),
-        buffers=cfg.get("buffers", "keep"), grad_mixing="average" if cfg.get("ddp") else None,
+        buffers=cfg.get("optimizer_state", "keep"), grad_mixing="average" if cfg.get("ddp") else None,
     )
     hist = [ref.X.clone()]
     for k in range(steps):
@@ -148,7 +148,7 @@ def test_resume_mid_window_is_bitwise(runs, name):
     (dict(alpha=1.5), r"alpha must lie in \(0, 1\], got 1.5 \(pass max_alpha"),
     (dict(beta=1.0), r"beta must lie in \[0, 1\), got 1.0"),
     (dict(beta=-0.1), r"beta must lie in \[0, 1\), got -0.1"),
-    (dict(buffers="sometimes"), "buffers must be one of"),
+    (dict(optimizer_state="sometimes"), "optimizer_state must be one of"),
 ])
 def test_invalid_settings_are_clear_errors(kw, match):
     from lookahead_dist.slowmo import SlowMo

@@ -113,7 +113,7 @@ def _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=None, state=None):
         net = model
     inner = sgd(model.parameters(), lr)
     opt = SlowMo(inner, model, tau=cfg["tau"], alpha=cfg["alpha"], beta=cfg["beta"], base=base,
-                 buffers=cfg.get("buffers", "keep"), shard=cfg.get("shard", False), comm=comm)
+                 optimizer_state=cfg.get("optimizer_state", "keep"), shard=cfg.get("shard", False), comm=comm)
     sched = None
     if cfg.get("lr_decay"):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: cfg["lr_decay"] ** k)

@@ -116,7 +116,7 @@ def _build_algorithm(cfg: Config, model, optimizer, comm: Comm, device):
         ids = [device.index] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
-    common = dict(buffers=a.buffers, shard=a.shard, comm=comm, mix_buffers=a.mix_buffers)
+    common = dict(optimizer_state=a.buffers, shard=a.shard, comm=comm, mix_buffers=a.mix_buffers)
     if a.name == "slowmo":
         return SlowMo(optimizer, model, tau=a.tau, alpha=a.alpha, beta=a.beta,
                       base=topology() if a.topology else None, **common), model
