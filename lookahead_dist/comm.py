@@ -230,9 +230,15 @@ class Comm:
         sends: Sequence[tuple[int, torch.Tensor]],
         recvs: Sequence[tuple[int, torch.Tensor]],
     ) -> None:
-        """Send each (peer, tensor) and receive into each (peer, tensor), batched, then wait for all."""
-        ops = [dist.P2POp(dist.isend, t, peer) for peer, t in sends]
-        ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
+        """Send each (peer, tensor) and receive into each (peer, tensor), batched, then wait for all.
+
+        Every receive is posted before any send: posted the other way round, a
+        peer's data can wait for its receive to be posted behind our own sends,
+        and the two directions of an exchange then run one after the other
+        instead of at once (twice the time on a link that is the bottleneck).
+        """
+        ops = [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
+        ops += [dist.P2POp(dist.isend, t, peer) for peer, t in sends]
         if not ops:
             return
         peers = sorted({p for p, _ in sends} | {p for p, _ in recvs})
