@@ -15,6 +15,8 @@ from lookahead_dist.topology import load
 from lookahead_dist.testing import workers
 from lookahead_dist.testing.spawn import spawn
 
+pytestmark = pytest.mark.dist
+
 TOL = 1e-10
 STEPS = 12
 

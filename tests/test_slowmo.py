@@ -79,6 +79,7 @@ def reference_hist(cfg, steps=STEPS, weights=None):
     return hist
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("name", [n for n in CONFIGS if "resume" not in n])
 def test_slowmo_equals_reference_engine(runs, name):
     cfg = CONFIGS[name]
@@ -87,6 +88,7 @@ def test_slowmo_equals_reference_engine(runs, name):
     assert worst <= TOL, f"{name}: {worst:.3g}"
 
 
+@pytest.mark.dist
 def test_beta_zero_is_the_mixing_engine_matrix_step(runs):
     """beta = 0: the slow step is the matrix (1 - alpha) z + alpha x_bar applied to every agent, on the reference."""
     cfg = CONFIGS["local_beta0"]
@@ -117,6 +119,7 @@ class _PadAgents:
         return self.prob.loss_and_grad(agent, step, x)
 
 
+@pytest.mark.dist
 def test_alpha_one_beta_zero_is_local_sgd_with_exact_average(runs):
     """alpha = 1, beta = 0 with a local base: local SGD, i.e. an exact average every tau steps."""
     tau = CONFIGS["local_avg_only"]["tau"]
@@ -128,6 +131,7 @@ def test_alpha_one_beta_zero_is_local_sgd_with_exact_average(runs):
             assert rel_err(runs[r]["local_avg_only"]["hist"][k], trace.X[k][r]) <= TOL
 
 
+@pytest.mark.dist
 def test_sharded_equals_unsharded_to_1e12(runs):
     """Sharding the slow copy and momentum (reduce-scatter, update, all-gather) keeps the trajectory."""
     hist = reference_hist(CONFIGS["sharded"])
@@ -135,6 +139,7 @@ def test_sharded_equals_unsharded_to_1e12(runs):
         assert rel_err(runs[r]["sharded"]["hist"][-1], hist[-1][r]) <= 1e-12
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("name", ["resume", "resume_sgp"])
 def test_resume_mid_window_is_bitwise(runs, name):
     for r in range(W):
@@ -158,6 +163,7 @@ def test_invalid_settings_are_clear_errors(kw, match):
         SlowMo(torch.optim.SGD(model.parameters(), lr=0.1), model, **kw)
 
 
+@pytest.mark.dist
 def test_lr_differing_across_workers_is_an_error():
     results = spawn(workers.slowmo_lr_mismatch, 2, allow_errors=True)
     for status, text in results:
@@ -202,6 +208,7 @@ def test_moving_the_model_after_wrapping_is_a_clear_error(single_rank_group):
     opt.comm.close()
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("name", ["local", "ring", "sgp_directed", "sharded_sgp"])
 def test_finalize_leaves_every_worker_the_exact_average(runs, name):
     """Push-sum: sum of numerators z_i w_i over the sum of weights; otherwise the plain mean."""

@@ -32,6 +32,7 @@ def _record(out, name):
     return json.loads((out / f"{name}.json").read_text())
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("name", list(TINY))
 def test_outputs_exist_and_name_their_command(out, name):
     for ext in ("png", "csv", "md", "json"):
@@ -43,6 +44,7 @@ def test_outputs_exist_and_name_their_command(out, name):
     assert rec["command"] in md and "Findings:" in md
 
 
+@pytest.mark.dist
 def test_fig1_serial_and_two_process_curves_coincide(out):
     rec = _record(out, "fig1")
     assert [v["alpha"] for v in rec["variants"]] == [1.0, 0.5]
@@ -63,6 +65,7 @@ def test_fig1_serial_and_two_process_curves_coincide(out):
     assert "(a)" in text and "max relative deviation" in text
 
 
+@pytest.mark.dist
 def test_theorem2_rows_and_recommendation(out):
     rec = _record(out, "theorem2")
     assert rec["alphas"] == [0.25, 0.5, 0.75, 1.0]
@@ -79,6 +82,7 @@ def test_theorem2_rows_and_recommendation(out):
     assert alpha_one[0] == alpha_one[1]  # alpha = 1: tau does not matter, the same noise
 
 
+@pytest.mark.dist
 def test_slowmo_runs(out):
     rec = _record(out, "slowmo")
     assert rec["slow_steps"] == 2 and rec["steps_axis"] == [0, 4, 8]
@@ -92,6 +96,7 @@ def test_slowmo_runs(out):
     assert len({r["curve"][0] for r in runs}) == 1
 
 
+@pytest.mark.dist
 def test_report_writes_results_md(out, tmp_path):
     assert ex.main(["report", "--out", str(out), "--docs", str(tmp_path)]) == 0
     text = (tmp_path / "RESULTS.md").read_text()

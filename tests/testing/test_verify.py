@@ -4,8 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lookahead_dist import verify
 from lookahead_dist.testing.workers import TOPOLOGIES
+
+pytestmark = pytest.mark.dist
 
 
 def test_verify_passes_on_the_slow_agent_example_and_reports_each_step():

@@ -9,6 +9,8 @@ import torch
 
 from lookahead_dist.train.config import REPO_ROOT
 
+pytestmark = pytest.mark.dist
+
 TRAIN = str(REPO_ROOT / "launch" / "train.py")
 COMMON = ["--set", "steps=60", "--set", "log_every=10", "--set", "eval_every=30", "--set", "checkpoint_every=30"]
 
