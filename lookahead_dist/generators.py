@@ -24,8 +24,9 @@ from typing import Callable, Optional
 import networkx as nx
 import numpy as np
 
-from lookahead_dist.errors import MixingError, TopologyError
+from lookahead_dist.errors import ConfigError, MixingError, TopologyError
 from lookahead_dist.mixing import Phase, lookahead_schedule
+from lookahead_dist.validation import check_int, check_mixing_alpha
 
 __all__ = [
     "GENERATORS",
@@ -57,12 +58,16 @@ def _error(gen: str, key: Optional[str], value, rule: str) -> TopologyError:
     return err
 
 
+def _checked(gen: str, key: str, check, value, **kwargs):
+    """``check(value, key, **kwargs)`` (a :mod:`lookahead_dist.validation` check), failing as this generator's error."""
+    try:
+        return check(value, key, **kwargs)
+    except ConfigError as exc:
+        raise _error(gen, key, value, exc.rule) from None
+
+
 def _int(gen: str, key: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise _error(gen, key, value, f"must be an integer >= {low}")
-    if value < low:
-        raise _error(gen, key, value, f"must be an integer >= {low}")
-    return int(value)
+    return _checked(gen, key, check_int, value, low=low)
 
 
 def _n(gen: str, n) -> int:
@@ -226,8 +231,7 @@ def two_agent(alpha: float = 0.5, tau: int = 5) -> list[Phase]:
     agents take alpha x + (1 - alpha) z. alpha = 1 is valid (its only edge is
     fast -> slow, rate 0).
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0.0 <= float(alpha) <= 1.0):
-        raise _error("two_agent", "alpha", alpha, "must be a number in [0, 1]")
+    alpha = _checked("two_agent", "alpha", check_mixing_alpha, alpha)
     tau = _int("two_agent", "tau", tau, 1)
     try:
         return list(lookahead_schedule(float(alpha), tau).phases)

@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import numbers
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -38,6 +37,7 @@ from torch import Tensor
 
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.optim_utils import WrapperOptimizer
+from lookahead_dist.validation import check_choice, check_lookahead_alpha, check_tau
 
 __all__ = ["FIRST_MOMENT_KEYS", "PULLBACK_MODES", "Lookahead", "lookahead_sync_",
            "pullback_momentum_", "reset_momentum_", "slow_dtype"]
@@ -139,13 +139,9 @@ def pullback_momentum_(
 
 def _check_args(tau: Any, alpha: Any, pullback: Any) -> tuple[int, float, str]:
     """Validated (tau, alpha, pullback); a :class:`ConfigError` names the argument, rule and value."""
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Integral) or tau < 1:
-        raise ConfigError(f"Lookahead: tau (inner steps between syncs) must be an integer >= 1, got {tau!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) <= 1.0:
-        raise ConfigError(f"Lookahead: alpha (slow step size) must be a real number in (0, 1], got {alpha!r}")
-    if pullback not in PULLBACK_MODES:
-        raise ConfigError(f"Lookahead: pullback must be one of {PULLBACK_MODES}, got {pullback!r}")
-    return int(tau), float(alpha), pullback
+    return (check_tau(tau, "Lookahead: tau (inner steps between syncs)"),
+            check_lookahead_alpha(alpha, "Lookahead: alpha (slow step size)"),
+            check_choice(pullback, "Lookahead: pullback", PULLBACK_MODES))
 
 
 def _first_moment_key(optimizer: torch.optim.Optimizer, groups: list[dict], pullback: str) -> Optional[str]:

@@ -20,6 +20,7 @@ import networkx as nx
 import numpy as np
 
 from lookahead_dist.errors import MixingError
+from lookahead_dist.validation import check_mixing_alpha, check_tau
 
 DEFAULT_TOL = 1e-9
 
@@ -147,9 +148,7 @@ def lookahead_matrix(alpha: float) -> np.ndarray:
     array([[0.5, 0.5],
            [0.5, 0.5]])
     """
-    alpha = float(alpha)
-    if not (0.0 <= alpha <= 1.0) or not np.isfinite(alpha):
-        raise MixingError(f"alpha: must lie in [0, 1], got {alpha!r}")
+    alpha = check_mixing_alpha(alpha, error=MixingError)
     a = np.array([alpha, 1.0 - alpha])
     return np.outer(a, np.ones(2))
 
@@ -378,8 +377,7 @@ def lookahead_schedule(alpha: float, tau: int) -> Schedule:
 
     P_k = a 1^T when (k + 1) mod tau == 0, else I, with a = [alpha, 1 - alpha].
     """
-    if not isinstance(tau, (int, np.integer)) or isinstance(tau, bool) or tau < 1:
-        raise MixingError(f"tau: must be an integer >= 1, got {tau!r}")
+    tau = check_tau(tau, error=MixingError)
     phases = []
     if tau > 1:
         phases.append(Phase(np.eye(2), tau - 1, "local"))

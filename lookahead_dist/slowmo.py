@@ -31,7 +31,6 @@ buffers kept across slow steps (its default).
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -41,10 +40,17 @@ from lookahead_dist.decentralized import Decentralized
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.flat import FlatState, flatten_tensors, without_weight
 from lookahead_dist.optim_utils import WrapperOptimizer
+from lookahead_dist.validation import (
+    OPTIMIZER_STATE_POLICIES,
+    check_beta,
+    check_optimizer_state,
+    check_slow_alpha,
+    check_tau,
+)
 
 __all__ = ["SlowMo", "slow_momentum_update"]
 
-BUFFER_POLICIES = ("keep", "reset", "average")
+BUFFER_POLICIES = OPTIMIZER_STATE_POLICIES  # the former name
 
 
 def slow_momentum_update(z, u, x_bar, *, alpha: float, beta: float, gamma: float) -> None:
@@ -59,15 +65,10 @@ def slow_momentum_update(z, u, x_bar, *, alpha: float, beta: float, gamma: float
 
 
 def _check(tau, alpha, beta, optimizer_state, max_alpha):
-    if not isinstance(tau, int) or isinstance(tau, bool) or tau < 1:
-        raise ConfigError(f"SlowMo: tau must be an integer >= 1, got {tau!r}")
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not (0.0 < alpha <= max_alpha):
-        hint = "" if max_alpha > 1 else " (pass max_alpha to allow a larger slow learning rate on purpose)"
-        raise ConfigError(f"SlowMo: alpha must lie in (0, {max_alpha:g}], got {alpha!r}{hint}")
-    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or not (0.0 <= beta < 1.0):
-        raise ConfigError(f"SlowMo: beta must lie in [0, 1), got {beta!r}")
-    if optimizer_state not in BUFFER_POLICIES:
-        raise ConfigError(f"SlowMo: optimizer_state must be one of {BUFFER_POLICIES}, got {optimizer_state!r}")
+    check_tau(tau, "SlowMo: tau")
+    check_slow_alpha(alpha, "SlowMo: alpha", max_alpha=max_alpha)
+    check_beta(beta, "SlowMo: beta")
+    check_optimizer_state(optimizer_state, "SlowMo: optimizer_state")
 
 
 class SlowMo(WrapperOptimizer):

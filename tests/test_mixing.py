@@ -117,12 +117,12 @@ def test_lookahead_alpha_one_has_rate_zero():
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
 def test_lookahead_alpha_out_of_range(alpha):
-    with pytest.raises(MixingError, match="alpha: must lie in"):
+    with pytest.raises(MixingError, match="alpha must lie in"):
         lookahead_matrix(alpha)
 
 
 def test_lookahead_bad_tau():
-    with pytest.raises(MixingError, match="tau: must be an integer >= 1, got 0"):
+    with pytest.raises(MixingError, match="tau must be an integer >= 1, got 0"):
         lookahead_schedule(0.5, 0)
 
 

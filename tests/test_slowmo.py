@@ -64,7 +64,7 @@ def reference_hist(cfg, steps=STEPS, weights=None):
     ref = Reference(
         base_schedule(cfg), ["fast"] * W, prob.x0, prob, lambda p: workers.sgd(p, cfg.get("lr", workers.LR)),
         slow_momentum=SlowMomentum(alpha=cfg["alpha"], beta=cfg["beta"], tau=cfg["tau"]),
-        buffers=cfg.get("optimizer_state", "keep"), grad_mixing="average" if cfg.get("ddp") else None,
+        optimizer_state=cfg.get("optimizer_state", "keep"), grad_mixing="average" if cfg.get("ddp") else None,
     )
     hist = [ref.X.clone()]
     for k in range(steps):

@@ -16,12 +16,13 @@ shard, an initialisation) comes from its own CPU ``torch.Generator`` seeded by
 :func:`stream_seed` from ``(seed, tag, agent, step)`` only, never from a shared
 generator. Agent i's draw at step k is therefore the same whatever else was
 computed before it, in any process: a distributed worker that holds agent i
-reproduces it with ``generator(seed, tag, i, k)`` (see each class for its tags),
+reproduces it with ``rng(seed, tag, i, k)`` (see each class for its tags),
 and moves the result to its device afterwards.
 """
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -29,10 +30,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lookahead_dist.errors import ConfigError
+from lookahead_dist.validation import check_int
 
 __all__ = [
     "stream_seed",
-    "generator",
+    "rng",
     "Quadratic",
     "ModuleProblem",
     "flatten_params",
@@ -56,27 +58,32 @@ def stream_seed(seed: int, tag: str, *keys: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def generator(seed: int, tag: str, *keys: int) -> torch.Generator:
-    """A fresh CPU generator seeded with :func:`stream_seed` ``(seed, tag, *keys)``."""
+def rng(seed: int, tag: str, *keys: int) -> torch.Generator:
+    """A fresh CPU random-number generator seeded with :func:`stream_seed` ``(seed, tag, *keys)``."""
     g = torch.Generator(device="cpu")
     g.manual_seed(stream_seed(seed, tag, *keys))
     return g
 
 
+def generator(seed: int, tag: str, *keys: int) -> torch.Generator:
+    """Deprecated name of :func:`rng` (a random-number generator, not a topology generator)."""
+    warnings.warn("lookahead_dist.reference.problems.generator is deprecated; call rng", DeprecationWarning,
+                  stacklevel=2)
+    return rng(seed, tag, *keys)
+
+
 def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
-    return value
+    return check_int(value, name)
 
 
 class Quadratic:
     """f_i(x) = 1/2 (x - b_i)^T diag(h) (x - b_i), for agents i = 0..n-1, with optional gradient noise.
 
     The stochastic gradient of agent i at step k is h * (x - b_i) + noise * xi_{i,k}
-    with xi_{i,k} ~ N(0, I_d) drawn from ``generator(seed, "noise", i, k)``; the
+    with xi_{i,k} ~ N(0, I_d) drawn from ``rng(seed, "noise", i, k)``; the
     reported loss is the exact f_i(x). The curvatures h are uniform in
-    ``curvature`` (drawn from ``generator(seed, "h")``), the centres b_i are
-    standard normal (``generator(seed, "b", i)``), and the average objective
+    ``curvature`` (drawn from ``rng(seed, "h")``), the centres b_i are
+    standard normal (``rng(seed, "b", i)``), and the average objective
     f = (1/n) sum_i f_i is minimised by mean_i b_i.
 
     >>> q = Quadratic(d=3, n=2, seed=0)
@@ -102,15 +109,15 @@ class Quadratic:
         if not 0.0 <= lo <= hi:
             raise ConfigError(f"curvature: must be a range (lo, hi) with 0 <= lo <= hi, got {curvature!r}")
         self.seed, self.noise, self.dtype = int(seed), float(noise), dtype
-        u = torch.rand(self.d, generator=generator(self.seed, "h"), dtype=torch.float64)
+        u = torch.rand(self.d, generator=rng(self.seed, "h"), dtype=torch.float64)
         self.h = (lo + (hi - lo) * u).to(dtype)
         self.b = torch.stack(
-            [torch.randn(self.d, generator=generator(self.seed, "b", i), dtype=torch.float64) for i in range(self.n)]
+            [torch.randn(self.d, generator=rng(self.seed, "b", i), dtype=torch.float64) for i in range(self.n)]
         ).to(dtype)
 
     def noise_sample(self, agent: int, step: int) -> Tensor:
         """xi_{agent,step}: the standard normal draw scaled by ``noise`` in that agent's gradient."""
-        g = generator(self.seed, "noise", agent, step)
+        g = rng(self.seed, "noise", agent, step)
         return torch.randn(self.d, generator=g, dtype=torch.float64).to(self.dtype)
 
     def loss_and_grad(self, agent: int, step: int, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -139,8 +146,8 @@ class Quadratic:
         return self.b.mean(dim=0)
 
     def initial(self) -> Tensor:
-        """A standard normal starting point from ``generator(seed, "x0")``."""
-        return torch.randn(self.d, generator=generator(self.seed, "x0"), dtype=torch.float64).to(self.dtype)
+        """A standard normal starting point from ``rng(seed, "x0")``."""
+        return torch.randn(self.d, generator=rng(self.seed, "x0"), dtype=torch.float64).to(self.dtype)
 
 
 def flatten_params(module: nn.Module) -> Tensor:
@@ -217,7 +224,7 @@ def tiny_regression(
 ) -> ModuleProblem:
     """A float64 two-layer tanh MLP (d_in -> hidden -> 1) regressing a fixed teacher; d = 321 by default.
 
-    Streams (all from :func:`generator`):
+    Streams (all from :func:`rng`):
 
     - ``("init",)``: the module's initial weights, so ``problem.x0`` is fixed by ``seed``;
     - ``("teacher",)``: the teacher y = sin(x . w1) + 0.5 x . w2;
@@ -227,19 +234,19 @@ def tiny_regression(
     """
     n_agents = _check_positive_int("n_agents", n_agents)
     module = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, 1)).double()
-    g = generator(seed, "init")
+    g = rng(seed, "init")
     with torch.no_grad():
         for p in module.parameters():
             fan_in = p.shape[-1] if p.dim() > 1 else hidden
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / fan_in ** 0.5)
-    gt = generator(seed, "teacher")
+    gt = rng(seed, "teacher")
     w1 = torch.randn(d_in, generator=gt, dtype=torch.float64) / d_in ** 0.5
     w2 = torch.randn(d_in, generator=gt, dtype=torch.float64) / d_in ** 0.5
     shards: dict = {}
 
     def shard_of(agent: int) -> Tuple[Tensor, Tensor]:
         if agent not in shards:
-            gs = generator(seed, "shard", agent)
+            gs = rng(seed, "shard", agent)
             shift = heterogeneity * torch.randn(d_in, generator=gs, dtype=torch.float64)
             inputs = torch.randn(shard, d_in, generator=gs, dtype=torch.float64) + shift
             noise = 0.1 * torch.randn(shard, generator=gs, dtype=torch.float64)
@@ -251,7 +258,7 @@ def tiny_regression(
         if not 0 <= agent < n_agents:
             raise ConfigError(f"agent: must lie in [0, {n_agents}), got {agent!r}")
         inputs, targets = shard_of(int(agent))
-        idx = torch.randint(shard, (batch,), generator=generator(seed, "batch", agent, step))
+        idx = torch.randint(shard, (batch,), generator=rng(seed, "batch", agent, step))
         return inputs[idx], targets[idx]
 
     return ModuleProblem(module, data_fn, nn.functional.mse_loss, n=n_agents)

@@ -30,7 +30,7 @@ z_i = x_i / w_i.
    u <- beta u + (z - x_bar) / gamma;  z <- z - alpha gamma u; then every agent
    (slow and fast) <- z and the push-sum weights <- 1;
 6. at a *slow step* (slow momentum ran, or P_k has an edge between a slow and a
-   fast agent) the base optimizers' state follows ``buffers``: ``"keep"``,
+   fast agent) the base optimizers' state follows ``optimizer_state``: ``"keep"``,
    ``"reset"`` (state cleared, the optimizers restart) or ``"average"`` (every
    floating state tensor shaped like the parameter is replaced by its mean over
    the fast agents; step counters and scalars are kept).
@@ -52,7 +52,7 @@ Example (Lookahead with SGD on a quadratic)::
 from __future__ import annotations
 
 import math
-import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -62,18 +62,22 @@ from torch import Tensor
 
 from lookahead_dist.errors import ConfigError, MixingError
 from lookahead_dist.mixing import Schedule
+from lookahead_dist.validation import (
+    OPTIMIZER_STATE_POLICIES,
+    check_beta,
+    check_int,
+    check_optimizer_state,
+    check_slow_alpha,
+    check_tau,
+)
 
 __all__ = ["SlowMomentum", "Trace", "Reference", "simulate", "ROLES", "BUFFERS", "GRAD_MIXING"]
 
 ROLES = ("fast", "slow")
-BUFFERS = ("keep", "reset", "average")
+BUFFERS = OPTIMIZER_STATE_POLICIES  # the former name of the optimizer-state policies
 GRAD_MIXING = (None, "average")
 SPARSE_DENSITY = 0.1  # phases with fewer non-zeros than this fraction of n^2 mix with a sparse matmul
 _ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
-
-
-def _is_int(v, minimum: int) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= minimum
 
 
 @dataclass
@@ -81,23 +85,21 @@ class SlowMomentum:
     """SlowMo's outer rule: every ``tau`` steps, u <- beta u + (z - x_bar)/gamma; z <- z - alpha gamma u.
 
     With beta = 0 it is the matrix step z, fast agents <- (1 - alpha) z + alpha x_bar.
+    alpha lies in (0, max_alpha], as :class:`~lookahead_dist.slowmo.SlowMo`'s does.
     """
 
     alpha: float = 1.0
     beta: float = 0.5
     tau: int = 12
+    max_alpha: float = 1.0
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        a, b, t = self.alpha, self.beta, self.tau
-        if not isinstance(a, numbers.Real) or isinstance(a, bool) or not 0.0 < a <= 1.0:
-            raise ConfigError(f"slow_momentum.alpha: must lie in (0, 1], got {a!r}")
-        if not isinstance(b, numbers.Real) or isinstance(b, bool) or not 0.0 <= b < 1.0:
-            raise ConfigError(f"slow_momentum.beta: must lie in [0, 1), got {b!r}")
-        if not _is_int(t, 1):
-            raise ConfigError(f"slow_momentum.tau: must be an integer >= 1, got {t!r}")
+        check_slow_alpha(self.alpha, "slow_momentum.alpha", max_alpha=self.max_alpha)
+        check_beta(self.beta, "slow_momentum.beta")
+        check_tau(self.tau, "slow_momentum.tau")
 
 
 @dataclass
@@ -142,7 +144,8 @@ class Reference:
     ``x0`` ((d,) shared start, or (n, d) one row per agent), ``objective`` (see
     :mod:`lookahead_dist.reference.problems`), ``optimizer_factory(params) -> Optimizer``
     (called once per fast agent on its own (d,) tensor). Keywords: ``slow_momentum``
-    (a :class:`SlowMomentum`), ``buffers`` (``"keep"``, ``"reset"``, ``"average"``),
+    (a :class:`SlowMomentum`), ``optimizer_state`` (``"keep"``, ``"reset"``, ``"average"``; formerly
+    ``buffers``, still accepted with a DeprecationWarning),
     ``grad_mixing`` (None or ``"average"``), ``dtype``, ``record_every`` /
     ``record_steps`` (which steps :meth:`run` snapshots), ``invariant`` (the vector a
     for y_k; default the schedule's, or 1/n when it has none) and ``vectorized``.
@@ -169,14 +172,22 @@ class Reference:
         optimizer_factory: Callable[[List[Tensor]], torch.optim.Optimizer],
         *,
         slow_momentum: Optional[SlowMomentum] = None,
-        buffers: str = "keep",
+        optimizer_state: str = "keep",
         grad_mixing: Optional[str] = None,
         dtype: torch.dtype = torch.float64,
         record_every: Optional[int] = None,
         record_steps: Optional[Iterable[int]] = None,
         invariant=None,
         vectorized="auto",
+        buffers: Optional[str] = None,
     ):
+        if buffers is not None:
+            warnings.warn("Reference(buffers=...) is deprecated: the base optimizer's state policy is now called "
+                          "optimizer_state=, as in SlowMo", DeprecationWarning, stacklevel=2)
+            if optimizer_state not in ("keep", buffers):
+                raise ConfigError(f"optimizer_state={optimizer_state!r} and its deprecated spelling "
+                                  f"buffers={buffers!r} disagree; pass optimizer_state only")
+            optimizer_state = buffers
         if not isinstance(schedule, Schedule):
             raise ConfigError(f"schedule: must be a lookahead_dist.mixing.Schedule, got {type(schedule).__name__}")
         n = schedule.n
@@ -188,8 +199,7 @@ class Reference:
                 raise ConfigError(f"roles[{i}]: must be 'fast' or 'slow', got {r!r}")
         if "fast" not in roles:
             raise ConfigError(f"roles: at least one agent must be 'fast', got {list(roles)!r}")
-        if buffers not in BUFFERS:
-            raise ConfigError(f"buffers: must be one of {BUFFERS}, got {buffers!r}")
+        check_optimizer_state(optimizer_state)
         if grad_mixing not in GRAD_MIXING:
             raise ConfigError(f"grad_mixing: must be None or 'average', got {grad_mixing!r}")
         if vectorized not in ("auto", True, False):
@@ -200,13 +210,9 @@ class Reference:
             if not isinstance(slow_momentum, SlowMomentum):
                 raise ConfigError(f"slow_momentum: must be a SlowMomentum or None, got {slow_momentum!r}")
             slow_momentum.validate()
-        if record_every is not None and not _is_int(record_every, 1):
-            raise ConfigError(f"record_every: must be an integer >= 1 or None, got {record_every!r}")
-        steps_set = set()
-        for s in record_steps or ():
-            if not _is_int(s, 0):
-                raise ConfigError(f"record_steps: every entry must be an integer >= 0, got {s!r}")
-            steps_set.add(int(s))
+        if record_every is not None:
+            check_int(record_every, "record_every")
+        steps_set = {check_int(s, "record_steps[i]", low=0) for s in record_steps or ()}
         if not callable(getattr(objective, "loss_and_grad", None)):
             raise ConfigError(f"objective: must have a loss_and_grad(agent, step, x) method, got {objective!r}")
         if not callable(optimizer_factory):
@@ -224,7 +230,7 @@ class Reference:
 
         self.schedule, self.roles, self.n, self.d, self.dtype = schedule, roles, n, X0.shape[1], dtype
         self.objective, self.slow_momentum = objective, slow_momentum
-        self.buffers, self.grad_mixing = buffers, grad_mixing
+        self.optimizer_state_policy, self.grad_mixing = optimizer_state, grad_mixing
         self.record_every, self.record_steps = record_every, steps_set
         self.push_sum = schedule.push_sum
         self.fast = [i for i, r in enumerate(roles) if r == "fast"]
@@ -315,6 +321,12 @@ class Reference:
         return ""
 
     # -- state -------------------------------------------------------------------------
+    @property
+    def buffers(self) -> str:
+        """Deprecated name of :attr:`optimizer_state_policy`."""
+        warnings.warn("Reference.buffers is deprecated; read optimizer_state_policy", DeprecationWarning, stacklevel=2)
+        return self.optimizer_state_policy
+
     @property
     def k(self) -> int:
         """Number of steps taken so far."""
@@ -457,10 +469,10 @@ class Reference:
             self._w = torch.ones_like(self._w)
 
     def _sync_buffers(self) -> None:
-        if self.buffers == "reset":
+        if self.optimizer_state_policy == "reset":
             for opt in self._opts:
                 opt.state.clear()
-        elif self.buffers == "average":
+        elif self.optimizer_state_policy == "average":
             if self.vectorized:
                 for v in self._opts[0].state.get(self._x, {}).values():
                     if isinstance(v, Tensor) and v.is_floating_point() and v.shape == self._x.shape:
@@ -476,8 +488,7 @@ class Reference:
     # -- runs ---------------------------------------------------------------------------
     def run(self, steps: int) -> Trace:
         """Take ``steps`` steps and return what was recorded (see :class:`Trace`)."""
-        if not _is_int(steps, 0):
-            raise ConfigError(f"steps: must be an integer >= 0, got {steps!r}")
+        check_int(steps, "steps", low=0)
         k0, n, d = self._k, self.n, self.d
         end = k0 + steps
         snap = {k for k in self.record_steps if k0 <= k <= end} | {end}

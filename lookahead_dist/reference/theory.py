@@ -32,6 +32,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from lookahead_dist.errors import ConfigError
+from lookahead_dist.validation import check_int, check_lookahead_alpha, check_real, check_tau
 
 __all__ = [
     "step_size_condition", "satisfies_step_size_condition", "max_gamma",
@@ -43,14 +44,11 @@ __all__ = [
 
 # --------------------------------------------------------------------- checks
 def _real(name: str, value, rule: str, ok) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value) or not ok(float(value)):
-        raise ConfigError(f"{name} must be {rule}, got {value!r}")
-    return float(value)
+    return check_real(value, name, f"be {rule}", ok)
 
 
 def _alpha(alpha) -> float:
-    return _real("alpha", alpha, "a real number with 0 < alpha <= 1", lambda v: 0.0 < v <= 1.0)
+    return check_lookahead_alpha(alpha)
 
 
 def _pos(name: str, value) -> float:
@@ -61,19 +59,15 @@ def _nonneg(name: str, value) -> float:
     return _real(name, value, f"a finite real number with {name} >= 0", lambda v: v >= 0.0)
 
 
-def _int(name: str, value, rule: str, ok) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not ok(int(value)):
-        raise ConfigError(f"{name} must be {rule}, got {value!r}")
-    return int(value)
-
-
 def _tau(tau) -> int:
-    return _int("tau", tau, "an integer with tau >= 1", lambda v: v >= 1)
+    return check_tau(tau)
 
 
 def _steps(K, tau: int) -> int:
-    return _int("K", K, f"an integer multiple of tau={tau} with K >= tau (whole outer loops)",
-                lambda v: v >= tau and v % tau == 0)
+    rule = f"an integer multiple of tau={tau} with K >= tau (whole outer loops)"
+    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or not (K >= tau and K % tau == 0):
+        raise ConfigError(f"K must be {rule}, got {K!r}")
+    return int(K)
 
 
 def _require_13(alpha: float, gamma: float, L: float, tau: int) -> None:
@@ -303,7 +297,7 @@ class RippledQuadratic:
     w: float = 2.0
 
     def __post_init__(self):
-        _int("d", self.d, "an integer with d >= 1", lambda v: v >= 1)
+        check_int(self.d, "d")
         _pos("a", self.a)
         _nonneg("b", self.b)
         _pos("w", self.w)
@@ -362,9 +356,9 @@ def gradient_norm_trace(alpha, tau, gamma, K, seeds: Sequence[int], *, sigma2,
     on its own seed.  Returns an array of shape (K, len(seeds)).
     """
     alpha, gamma, tau = _alpha(alpha), _pos("gamma", gamma), _tau(tau)
-    K, sigma2 = _int("K", K, "an integer with K >= 1", lambda v: v >= 1), _nonneg("sigma2", sigma2)
+    K, sigma2 = check_int(K, "K"), _nonneg("sigma2", sigma2)
     problem = RippledQuadratic() if problem is None else problem
-    seeds = [_int("seeds[i]", s, "a non-negative integer", lambda v: v >= 0) for s in seeds]
+    seeds = [check_int(s, "seeds[i]", low=0) for s in seeds]
     if not seeds:
         raise ConfigError("seeds must be a non-empty sequence of integers, got []")
     x0 = problem.default_start() if x0 is None else np.asarray(x0, dtype=np.float64)

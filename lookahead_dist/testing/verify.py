@@ -19,7 +19,6 @@ import sys
 
 import torch
 
-from lookahead_dist.errors import LookaheadDistError
 from lookahead_dist.flat import without_weight
 from lookahead_dist.reference.problems import flatten_params as flat_model  # the model's parameters as one vector
 
@@ -42,9 +41,9 @@ def sgd(params, lr: float = LR):
 
 def perturbed_start(prob, agent: int, perturb: float) -> torch.Tensor:
     """Agent ``agent``'s own starting point: the problem's x0 plus a seeded perturbation."""
-    from lookahead_dist.reference.problems import generator
+    from lookahead_dist.reference.problems import rng
 
-    noise = torch.randn(prob.d, generator=generator(SEED, "perturb", agent), dtype=torch.float64)
+    noise = torch.randn(prob.d, generator=rng(SEED, "perturb", agent), dtype=torch.float64)
     return prob.x0 + perturb * noise
 
 

@@ -14,7 +14,7 @@ from lookahead_dist.reference.problems import (
     ModuleProblem,
     Quadratic,
     flatten_params,
-    generator,
+    rng,
     stream_seed,
     tiny_regression,
     unflatten,
@@ -124,7 +124,7 @@ def test_eq8_random_time_varying_shared_invariant():
     assert np.max(np.abs(sched.invariant_vector() - a)) < 1e-9
     roles = ["fast", "slow", "fast", "fast", "slow", "fast"]
     q = Quadratic(d=5, n=n, seed=2, noise=0.5)
-    x0 = torch.randn(n, 5, generator=generator(0, "x0"), dtype=F64)
+    x0 = torch.randn(n, 5, generator=rng(0, "x0"), dtype=F64)
     ref = Reference(sched, roles, x0, q, sgd_momentum(0.1), invariant=a)
     assert ref.a_invariant
     at = torch.tensor(a)
@@ -207,7 +207,7 @@ def test_slow_momentum_beta0_is_a_matrix_step(buffers):
     matrix_form = Schedule([Phase(P, tau - 1), Phase(sync, 1)])
     q = Quadratic(d=5, n=4, seed=8, noise=0.3)
     roles = ["fast"] * 3 + ["slow"]
-    kw = dict(buffers=buffers, record_every=1)
+    kw = dict(optimizer_state=buffers, record_every=1)
     tr_sm = simulate(Schedule.static(P), roles, q.initial(), q, sgd_momentum(), 5 * tau,
                      slow_momentum=SlowMomentum(alpha=alpha, beta=0.0, tau=tau), **kw)
     tr_mx = simulate(matrix_form, roles, q.initial(), q, sgd_momentum(), 5 * tau, **kw)
@@ -310,7 +310,7 @@ def test_push_sum_debiased_agents_reach_the_initial_average():
     sched = Schedule.static(directed_row_stochastic(), push_sum=True)
     n, d = sched.n, 3
     q = Quadratic(d=d, n=n, seed=12)
-    x0 = torch.randn(n, d, generator=generator(1, "x0"), dtype=F64)
+    x0 = torch.randn(n, d, generator=rng(1, "x0"), dtype=F64)
     ref = Reference(sched, ["fast"] * n, x0, q, lambda p: torch.optim.SGD(p, lr=0.0))
     tr = ref.run(300)
     avg = x0.mean(dim=0)
@@ -327,7 +327,7 @@ def test_consensus_decays_at_the_ring_rate():
     rate = sched.consensus_rate()
     assert abs(rate - (1 / 3 + 2 / 3 * np.cos(2 * np.pi / n))) < 1e-12
     q = Quadratic(d=d, n=n, seed=13)
-    x0 = torch.randn(n, d, generator=generator(2, "x0"), dtype=F64)
+    x0 = torch.randn(n, d, generator=rng(2, "x0"), dtype=F64)
     tr = simulate(sched, ["fast"] * n, x0, q, lambda p: torch.optim.SGD(p, lr=0.0), 60)
     ratio = (tr.consensus[60] / tr.consensus[20]).item()
     assert abs(ratio / rate ** 40 - 1) < 1e-6
@@ -344,7 +344,7 @@ def test_buffers_keep_reset_average(vectorized):
     roles = ["fast"] * 3 + ["slow"]
 
     def make(buffers):
-        return Reference(Schedule.static(block(W3)), roles, q.initial(), q, adam(), buffers=buffers,
+        return Reference(Schedule.static(block(W3)), roles, q.initial(), q, adam(), optimizer_state=buffers,
                          slow_momentum=SlowMomentum(alpha=0.5, beta=0.3, tau=tau), vectorized=vectorized)
 
     refs = {b: make(b) for b in ("keep", "reset", "average")}
@@ -374,7 +374,8 @@ def test_buffers_keep_reset_average(vectorized):
 
 def test_buffers_follow_a_schedule_sync_with_slow_agents():
     q = Quadratic(d=3, n=2, seed=15, noise=0.1)
-    ref = Reference(lookahead_schedule(0.5, 2), ["fast", "slow"], q.initial(), q, sgd_momentum(), buffers="reset")
+    ref = Reference(lookahead_schedule(0.5, 2), ["fast", "slow"], q.initial(), q, sgd_momentum(),
+                    optimizer_state="reset")
     ref.step()
     assert "momentum_buffer" in ref.optimizer_state(0)
     ref.step()  # P_1 = a 1^T mixes the slow agent with the fast one: a slow step
@@ -417,11 +418,11 @@ def _vec_cases():
     return {
         "ring40_sparse": (Schedule.static(ring40), ["fast"] * 39 + ["slow"], {}),
         "ring8_slow_sync_average": (Schedule([Phase(ring8_slow, 2), Phase(sync, 1)]), ["fast"] * 8 + ["slow"],
-                                    dict(buffers="average")),
+                                    dict(optimizer_state="average")),
         "push_sum_slowmo_reset": (Schedule.static(directed_row_stochastic(), push_sum=True), ["fast"] * 5,
-                                  dict(slow_momentum=SlowMomentum(0.7, 0.5, 4), buffers="reset")),
+                                  dict(slow_momentum=SlowMomentum(0.7, 0.5, 4), optimizer_state="reset")),
         "slowmo_average_gradmix": (Schedule.static(block(W3, slow=2)), ["fast"] * 3 + ["slow"] * 2,
-                                   dict(slow_momentum=SlowMomentum(0.6, 0.4, 3), buffers="average",
+                                   dict(slow_momentum=SlowMomentum(0.6, 0.4, 3), optimizer_state="average",
                                         grad_mixing="average")),
         "lookahead": (Schedule([Phase(np.eye(2), 3), Phase(la, 1)]), ["fast", "slow"], {}),
     }
@@ -433,7 +434,7 @@ def test_vectorized_equals_per_agent(case, opt):
     sched, roles, kw = _vec_cases()[case]
     n, K = sched.n, 13
     q = Quadratic(d=6, n=n, seed=17, noise=0.3)
-    x0 = q.initial() if "slow_momentum" in kw else torch.randn(n, 6, generator=generator(3, "x0"), dtype=F64)
+    x0 = q.initial() if "slow_momentum" in kw else torch.randn(n, 6, generator=rng(3, "x0"), dtype=F64)
     runs = {}
     for vec in (False, True):
         ref = Reference(sched, roles, x0, q, VEC_OPTIMIZERS[opt], vectorized=vec, record_every=1, **kw)
@@ -509,7 +510,7 @@ def test_recording_only_at_requested_steps():
         (dict(x0=torch.zeros(3, 4)), "x0"),
         (dict(x0=torch.zeros(0)), "x0"),
         (dict(x0=torch.tensor([0.0, float("nan")])), "x0"),
-        (dict(buffers="mean"), "buffers"),
+        (dict(optimizer_state="mean"), "optimizer_state"),
         (dict(grad_mixing="sum"), "grad_mixing"),
         (dict(vectorized="yes"), "vectorized"),
         (dict(record_every=0), "record_every"),
@@ -536,7 +537,7 @@ def test_invalid_arguments_raise_config_error(kw, name):
      (dict(tau=0), "tau"), (dict(tau=2.0), "tau")],
 )
 def test_slow_momentum_fields_are_validated(kw, name):
-    with pytest.raises(ConfigError, match=f"slow_momentum.{name}: .*{list(kw.values())[0]!r}"):
+    with pytest.raises(ConfigError, match=f"slow_momentum.{name} must .*{list(kw.values())[0]!r}"):
         SlowMomentum(**kw)
 
 
@@ -555,7 +556,7 @@ def test_streams_do_not_depend_on_call_order():
     assert stream_seed(3, "noise", 1, 2) == stream_seed(3, "noise", 1, 2)
     assert len({stream_seed(3, "noise", i, k) for i in range(4) for k in range(4)}) == 16
     q1, q2 = Quadratic(d=5, n=3, seed=20, noise=1.0), Quadratic(d=5, n=3, seed=20, noise=1.0)
-    x = torch.randn(3, 5, generator=generator(0, "t"), dtype=F64)
+    x = torch.randn(3, 5, generator=rng(0, "t"), dtype=F64)
     fwd = [q1.loss_and_grad(i, k, x[i])[1] for k in range(3) for i in range(3)]
     bwd = {(i, k): q2.loss_and_grad(i, k, x[i])[1] for k in reversed(range(3)) for i in reversed(range(3))}
     for (k, i), g in zip(itertools.product(range(3), range(3)), fwd):
@@ -567,6 +568,23 @@ def test_streams_do_not_depend_on_call_order():
     assert torch.equal(p1.x0, p2.x0) and p1.d == 321
     b = p2.data_fn(2, 7)
     assert torch.equal(p1.data_fn(2, 7)[0], b[0]) and not torch.equal(p1.data_fn(1, 7)[0], b[0])
+
+
+def test_former_names_still_work_with_a_deprecation_warning():
+    from lookahead_dist.reference import problems
+
+    with pytest.warns(DeprecationWarning, match="call rng"):
+        g = problems.generator(0, "t")
+    assert torch.equal(torch.randn(4, generator=g), torch.randn(4, generator=rng(0, "t")))
+    q = Quadratic(d=2, n=2, seed=0)
+    args = (lookahead_schedule(0.5, 2), ["fast", "slow"], torch.zeros(2), q, sgd_momentum())
+    with pytest.warns(DeprecationWarning, match="optimizer_state="):
+        ref = Reference(*args, buffers="reset")
+    assert ref.optimizer_state_policy == "reset"
+    with pytest.warns(DeprecationWarning):
+        assert ref.buffers == "reset"
+    with pytest.raises(ConfigError, match="disagree"), pytest.warns(DeprecationWarning):
+        Reference(*args, buffers="reset", optimizer_state="average")
 
 
 def test_module_problem_gradient_matches_autograd_on_the_module():

@@ -164,13 +164,13 @@ def test_recommended_alpha_differs_from_floor_minimizer():
 
 # ------------------------------------------------------------------- errors
 @pytest.mark.parametrize("call,pattern", [
-    (lambda: th.step_size_condition(0.0, 0.1, 1.0, 2), r"alpha must be .*0 < alpha <= 1, got 0\.0"),
-    (lambda: th.step_size_condition(1.5, 0.1, 1.0, 2), r"alpha must be .*0 < alpha <= 1, got 1\.5"),
-    (lambda: th.step_size_condition(True, 0.1, 1.0, 2), r"alpha must be .*got True"),
+    (lambda: th.step_size_condition(0.0, 0.1, 1.0, 2), r"alpha must lie in \(0, 1\], got 0\.0"),
+    (lambda: th.step_size_condition(1.5, 0.1, 1.0, 2), r"alpha must lie in \(0, 1\], got 1\.5"),
+    (lambda: th.step_size_condition(True, 0.1, 1.0, 2), r"alpha must lie in .*got True"),
     (lambda: th.step_size_condition(0.5, -0.1, 1.0, 2), r"gamma must be .*gamma > 0, got -0\.1"),
     (lambda: th.step_size_condition(0.5, float("nan"), 1.0, 2), r"gamma must be .*got nan"),
     (lambda: th.max_gamma(0.5, 0.0, 2), r"L must be .*L > 0, got 0\.0"),
-    (lambda: th.max_gamma(0.5, 1.0, 0), r"tau must be an integer with tau >= 1, got 0"),
+    (lambda: th.max_gamma(0.5, 1.0, 0), r"tau must be an integer >= 1, got 0"),
     (lambda: th.max_gamma(0.5, 1.0, 2.5), r"tau must be an integer .*got 2\.5"),
     (lambda: th.floor(0.5, 0.1, 1.0, -1.0, 2), r"sigma2 must be .*sigma2 >= 0, got -1\.0"),
     (lambda: th.bound(0.5, 0.1, 1.0, 1.0, 2, 7, 1.0), r"K must be an integer multiple of tau=2.*got 7"),
@@ -178,7 +178,7 @@ def test_recommended_alpha_differs_from_floor_minimizer():
     (lambda: th.bound_sqrt_k(0.5, 1.0, 1.0, 2, 4, -2.0), r"f_gap must be .*f_gap >= 0, got -2\.0"),
     (lambda: th.recommended_alpha(1.0, 5.0, 1.0, 3, 30, 1.0),
      r"no alpha in \(0, 1\] satisfies .*\(13\).*gamma=1\.0, L=5\.0, tau=3"),
-    (lambda: th.RippledQuadratic(d=0), r"d must be an integer with d >= 1, got 0"),
+    (lambda: th.RippledQuadratic(d=0), r"d must be an integer >= 1, got 0"),
     (lambda: th.empirical_gradient_norm(0.5, 2, 0.1, 10, [], sigma2=1.0), r"seeds must be"),
 ])
 def test_errors_name_argument_rule_and_value(call, pattern):
