@@ -10,8 +10,8 @@ import os
 import sys
 
 from lookahead_dist.comm import destroy_process_group
-from lookahead_dist.train.config import load_config
 from lookahead_dist.errors import LookaheadDistError
+from lookahead_dist.train.config import load_config
 from lookahead_dist.train.trainer import train
 
 
@@ -23,7 +23,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="run directory (default: runs/<name or timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     args = parser.parse_args(argv)
-    overrides = args.overrides + ([f"out_dir={args.out}"] if args.out else []) + (["resume=true"] if args.resume else [])
+    overrides = args.overrides + ([f"out_dir={args.out}"] if args.out else [])
+    overrides += ["resume=true"] if args.resume else []
     try:
         train(load_config(args.config, overrides))
     except LookaheadDistError as exc:

@@ -11,7 +11,7 @@ and the key path (``optim.lr``, ``algorithm.tau``)::
     optim:      {name: sgd, lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 0.0,
                  schedule: cosine, milestones: [], milestones_in: steps, decay: 0.1, warmup_steps: 0}
     algorithm:  {name: slowmo, topology: topologies/ring.yaml, tau: 12, alpha: 1.0, beta: 0.5,
-                 buffers: keep, shard: false, mix_buffers: true}
+                 optimizer_state: keep, shard: false, mix_buffers: true}
     debug:      {nan_step: null, nan_rank: 0}
     steps: 400          # or epochs: 90 (exactly one of the two; the other null)
     epochs: null
@@ -27,21 +27,33 @@ and the key path (``optim.lr``, ``algorithm.tau``)::
     device: auto        # auto | cpu | cuda
     timeout_s: 300
 
->>> cfg = load_config(None, ["optim.lr=0.05", "algorithm.name=gossip"])
+>>> cfg = load_config(None, ["optim.lr=0.05", "algorithm.name=decentralized"])
 >>> cfg.optim.lr, cfg.algorithm.name
-(0.05, 'gossip')
+(0.05, 'decentralized')
+
+Old spellings still load, with a :class:`DeprecationWarning` (and a line in
+``Config.deprecations``, which the trainer prints on rank 0):
+``algorithm.name: gossip`` is ``decentralized`` (it runs any topology file:
+gossip, push-sum, local SGD, two-agent Lookahead), and ``algorithm.buffers``
+is ``algorithm.optimizer_state``.
+
+The checks of tau, alpha, beta, integers and the optimizer-state policy are
+those of :mod:`lookahead_dist.validation`; only the message is this module's
+(the file and the key path).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import yaml
 
+from lookahead_dist import validation as check
 from lookahead_dist.errors import ConfigError
 
 __all__ = [
@@ -65,8 +77,10 @@ MODELS = ("digits_cnn", "resnet34", "resnet50")
 DATASETS = ("digits", "cifar10", "imagenet")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
-ALGORITHMS = ("slowmo", "gossip", "lookahead", "local_sgd", "allreduce")
-BUFFERS = ("keep", "reset", "average")
+ALGORITHMS = ("slowmo", "decentralized", "lookahead", "local_sgd", "allreduce")
+#: Old spellings that still load, with a DeprecationWarning: key paths, and values of a key path.
+RENAMED_KEYS = {"algorithm.buffers": "algorithm.optimizer_state"}
+RENAMED_VALUES = {"algorithm.name": {"gossip": "decentralized"}}
 
 
 @dataclass
@@ -101,12 +115,12 @@ class OptimConfig:
 @dataclass
 class AlgorithmConfig:
     name: str = "slowmo"
-    # slowmo: the gossip base (null: local steps); gossip: the schedule; unused by the other algorithms
+    # slowmo: the base between slow steps (null: local steps); decentralized: the schedule; else unused
     topology: Optional[str] = "topologies/ring.yaml"
     tau: int = 12
     alpha: float = 1.0
     beta: float = 0.5
-    buffers: str = "keep"  # base-optimizer state at a slow step: keep | reset | average
+    optimizer_state: str = "keep"  # base-optimizer state at a slow step: keep | reset | average
     shard: bool = False
     mix_buffers: bool = True  # mix BatchNorm statistics with the parameters
 
@@ -144,6 +158,8 @@ class Config:
     device: str = "auto"
     timeout_s: float = 300.0
     source: str = field(default="<defaults>", metadata={"internal": True})
+    #: What was spelled the old way (one line each); the trainer prints them on rank 0.
+    deprecations: List[str] = field(default_factory=list, metadata={"internal": True})
 
 
 # -- filling dataclasses from mappings --------------------------------------------------
@@ -197,18 +213,33 @@ def _coerce(value, tp, where: str, path: str, shown=None):
     raise AssertionError(f"unsupported config type {tp}")  # pragma: no cover
 
 
-def _fill(obj, mapping, where: str, prefix: str) -> None:
+def _deprecated(notes: Optional[list], where: str, old: str, new: str) -> None:
+    """An old spelling was used: a DeprecationWarning, and a line in ``notes`` (Config.deprecations)."""
+    message = f"{where}: {old} is deprecated, use {new}"
+    warnings.warn(message, DeprecationWarning, stacklevel=4)
+    if notes is not None:
+        notes.append(message)
+
+
+def _fill(obj, mapping, where: str, prefix: str, notes: Optional[list] = None) -> None:
     if not isinstance(mapping, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the top level'}: expected a mapping of keys, "
                           f"got {mapping!r}")
     known = _fields(type(obj))
     for key, value in mapping.items():
         path = f"{prefix}{key}"
+        if path in RENAMED_KEYS:
+            new_path = RENAMED_KEYS[path]
+            new_key = new_path.rsplit(".", 1)[-1]
+            if new_key in mapping:
+                raise ConfigError(f"{where}: {path!r} is the old name of {new_path!r}; give only {new_path!r}")
+            _deprecated(notes, where, f"key {path!r}", f"{new_path!r}")
+            key, path = new_key, new_path
         if key not in known:
             raise ConfigError(f"{where}: unknown key {path!r} (known: {', '.join(known)})")
         _, tp = known[key]
         if dataclasses.is_dataclass(tp):
-            _fill(getattr(obj, key), value, where, path + ".")
+            _fill(getattr(obj, key), value, where, path + ".", notes)
         else:
             setattr(obj, key, _coerce(value, tp, where, path))
 
@@ -242,6 +273,9 @@ def _apply_override(cfg: Config, item: str) -> None:
         raise ConfigError(f"{where}: expected key.sub=value")
     key, text = item.split("=", 1)
     key = key.strip()
+    if key in RENAMED_KEYS:
+        _deprecated(cfg.deprecations, where, f"key {key!r}", f"{RENAMED_KEYS[key]!r}")
+        key = RENAMED_KEYS[key]
     obj, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
         known = _fields(type(obj))
@@ -267,54 +301,85 @@ def _require(ok: bool, where: str, path: str, rule: str, value) -> None:
         raise ConfigError(f"{where}: {path} {rule}, got {value!r}")
 
 
+def _check(where: str, rule_check, value, path: str, hint: str = "", **kw):
+    """``rule_check(value, path, **kw)`` (a check of :mod:`lookahead_dist.validation`), its error prefixed with
+    ``where`` (the file or the --set); returns the checked value."""
+    try:
+        return rule_check(value, path, **kw)
+    except ConfigError as exc:
+        rule = getattr(exc, "rule", None)
+        if rule is None:
+            raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{where}: {path} {rule}, got {value!r}{hint}") from None
+
+
+def _rename_values(cfg: Config) -> None:
+    """Old values (RENAMED_VALUES) replaced by the new ones, with a DeprecationWarning."""
+    for path, renames in RENAMED_VALUES.items():
+        section, key = path.split(".")
+        obj = getattr(cfg, section)
+        old = getattr(obj, key)
+        if isinstance(old, str) and old in renames:
+            setattr(obj, key, renames[old])
+            _deprecated(cfg.deprecations, cfg.source, f"{path}: {old}", f"{path}: {renames[old]}")
+
+
 def validate(cfg: Config) -> Config:
-    """Check ranges and combinations; return ``cfg``. Does not touch the file system or import torchvision."""
+    """Check ranges and combinations; return ``cfg``. Does not touch the file system or import torchvision.
+
+    Old values (``algorithm.name: gossip``) are first replaced by their new names, with a DeprecationWarning.
+    """
+    _rename_values(cfg)
     w = cfg.source
-    _require(cfg.model.name in MODELS, w, "model.name", f"must be one of {MODELS}", cfg.model.name)
-    _require(cfg.model.num_classes >= 2, w, "model.num_classes", "must be >= 2", cfg.model.num_classes)
+    _check(w, check.check_choice, cfg.model.name, "model.name", choices=MODELS)
+    _check(w, check.check_int, cfg.model.num_classes, "model.num_classes", low=2)
     d = cfg.data
-    _require(d.name in DATASETS, w, "data.name", f"must be one of {DATASETS}", d.name)
+    _check(w, check.check_choice, d.name, "data.name", choices=DATASETS)
     _require(0.0 < d.test_fraction < 1.0, w, "data.test_fraction", "must lie in (0, 1)", d.test_fraction)
-    _require(d.num_workers >= 0, w, "data.num_workers", "must be >= 0", d.num_workers)
+    _check(w, check.check_int, d.num_workers, "data.num_workers", low=0)
     _require(d.name == "digits" or bool(d.path), w, "data.path", f"is required for {d.name}", d.path)
     _require((cfg.model.name == "digits_cnn") == (d.name == "digits"), w, "model.name",
              f"digits_cnn goes with data.name digits (data.name is {d.name!r})", cfg.model.name)
     o = cfg.optim
-    _require(o.name in OPTIMIZERS, w, "optim.name", f"must be one of {OPTIMIZERS}", o.name)
+    _check(w, check.check_choice, o.name, "optim.name", choices=OPTIMIZERS)
     _require(math.isfinite(o.lr) and o.lr > 0, w, "optim.lr", "must be > 0", o.lr)
     _require(0.0 <= o.momentum < 1.0, w, "optim.momentum", "must lie in [0, 1)", o.momentum)
     _require(not o.nesterov or (o.name == "sgd" and o.momentum > 0), w, "optim.nesterov",
              "needs optim.name sgd and momentum > 0", o.nesterov)
     _require(o.weight_decay >= 0.0, w, "optim.weight_decay", "must be >= 0", o.weight_decay)
-    _require(o.schedule in SCHEDULES, w, "optim.schedule", f"must be one of {SCHEDULES}", o.schedule)
+    _check(w, check.check_choice, o.schedule, "optim.schedule", choices=SCHEDULES)
     _require(all(m >= 0 for m in o.milestones) and list(o.milestones) == sorted(o.milestones), w,
              "optim.milestones", "must be non-negative and increasing", o.milestones)
     _require(o.milestones_in in ("steps", "epochs"), w, "optim.milestones_in", "must be steps or epochs",
              o.milestones_in)
     _require(0.0 < o.decay <= 1.0, w, "optim.decay", "must lie in (0, 1]", o.decay)
-    _require(o.warmup_steps >= 0, w, "optim.warmup_steps", "must be >= 0", o.warmup_steps)
+    _check(w, check.check_int, o.warmup_steps, "optim.warmup_steps", low=0)
     a = cfg.algorithm
-    _require(a.name in ALGORITHMS, w, "algorithm.name", f"must be one of {ALGORITHMS}", a.name)
-    _require(a.tau >= 1, w, "algorithm.tau", "must be >= 1", a.tau)
-    _require(0.0 < a.alpha <= 1.0, w, "algorithm.alpha", "must lie in (0, 1]", a.alpha)
-    _require(0.0 <= a.beta < 1.0, w, "algorithm.beta", "must lie in [0, 1)", a.beta)
-    _require(a.buffers in BUFFERS, w, "algorithm.buffers", f"must be one of {BUFFERS}", a.buffers)
-    _require(a.name != "gossip" or bool(a.topology), w, "algorithm.topology", "is required for gossip", a.topology)
+    _check(w, check.check_choice, a.name, "algorithm.name", choices=ALGORITHMS)
+    _check(w, check.check_tau, a.tau, "algorithm.tau")
+    # alpha is Lookahead's slow step size or SlowMo's slow learning rate; both (0, 1] here (no max_alpha key)
+    _check(w, check.check_lookahead_alpha if a.name == "lookahead" else check.check_slow_alpha, a.alpha,
+           "algorithm.alpha")
+    _check(w, check.check_beta, a.beta, "algorithm.beta")
+    _check(w, check.check_optimizer_state, a.optimizer_state, "algorithm.optimizer_state")
+    _require(a.name != "decentralized" or bool(a.topology), w, "algorithm.topology", "is required for decentralized",
+             a.topology)
     _require((cfg.steps is None) != (cfg.epochs is None), w, "steps/epochs",
              "exactly one must be set (set the other to null)", (cfg.steps, cfg.epochs))
-    _require(cfg.steps is None or cfg.steps >= 1, w, "steps", "must be >= 1", cfg.steps)
+    if cfg.steps is not None:
+        _check(w, check.check_int, cfg.steps, "steps", low=1)
     _require(cfg.epochs is None or cfg.epochs > 0, w, "epochs", "must be > 0", cfg.epochs)
-    _require(cfg.batch_size >= 1, w, "batch_size", "must be >= 1", cfg.batch_size)
-    _require(cfg.log_every >= 1, w, "log_every", "must be >= 1", cfg.log_every)
-    _require(cfg.eval_every >= 0, w, "eval_every", "must be >= 0 (0: only at the end)", cfg.eval_every)
-    _require(cfg.checkpoint_every >= 0, w, "checkpoint_every", "must be >= 0 (0: none)", cfg.checkpoint_every)
+    _check(w, check.check_int, cfg.batch_size, "batch_size", low=1)
+    _check(w, check.check_int, cfg.log_every, "log_every", low=1)
+    _check(w, check.check_int, cfg.eval_every, "eval_every", low=0, hint=" (0: only at the end)")
+    _check(w, check.check_int, cfg.checkpoint_every, "checkpoint_every", low=0, hint=" (0: none)")
     _require(not cfg.resume or bool(cfg.out_dir), w, "resume", "needs out_dir (the run directory to resume)",
              cfg.resume)
     _require(cfg.backend in ("auto", "gloo", "nccl"), w, "backend", "must be auto, gloo or nccl", cfg.backend)
     _require(cfg.device in ("auto", "cpu", "cuda"), w, "device", "must be auto, cpu or cuda", cfg.device)
     _require(cfg.timeout_s > 0, w, "timeout_s", "must be > 0", cfg.timeout_s)
-    _require(cfg.debug.nan_step is None or cfg.debug.nan_step >= 0, w, "debug.nan_step", "must be >= 0",
-             cfg.debug.nan_step)
+    if cfg.debug.nan_step is not None:
+        _check(w, check.check_int, cfg.debug.nan_step, "debug.nan_step", low=0)
     return cfg
 
 
@@ -333,7 +398,7 @@ def load_config(path=None, overrides: Sequence[str] = ()) -> Config:
             raise ConfigError(f"{p}: cannot read the config file ({exc.strerror or exc})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: malformed YAML: {exc}") from None
-        _fill(cfg, data or {}, str(p), "")
+        _fill(cfg, data or {}, str(p), "", cfg.deprecations)
         sources.append(str(p))
     for item in overrides:
         _apply_override(cfg, item)

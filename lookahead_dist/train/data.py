@@ -23,7 +23,8 @@ import torch
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.train.models import import_torchvision
 
-__all__ = ["Data", "build_data", "check_data_path", "epoch_order", "load_digits_split", "shard_indices"]
+__all__ = ["Data", "build_data", "check_data_path", "epoch_order", "load_digits_split", "shard_batches",
+           "shard_indices", "steps_per_epoch"]
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -56,6 +57,25 @@ def load_digits_split(test_fraction: float, seed: int):
     return as_t(xtr), as_t(ytr.astype(np.int64)), as_t(xte), as_t(yte.astype(np.int64))
 
 
+def shard_batches(x: torch.Tensor, y: torch.Tensor, shard: np.ndarray, seed: int, rank: int, batch_size: int,
+                  start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The digits batch stream: (x[idx], y[idx]) of steps start, start + 1, ... of in-memory data.
+
+    Drop-last epochs of ``shard`` (indices into x and y), each in the order
+    :func:`epoch_order` draws from (seed, rank, epoch); the batch of step k is
+    a pure function of k, so a resumed run continues with the same batches.
+    """
+    spe = steps_per_epoch(len(shard), batch_size, "digits")
+    step = start
+    while True:
+        epoch, pos = divmod(step, spe)
+        order = torch.from_numpy(epoch_order(shard, seed, rank, epoch)).to(x.device)
+        for i in range(pos, spe):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            yield x[idx], y[idx]
+        step = (epoch + 1) * spe
+
+
 @dataclass
 class Data:
     """One rank's view of the data.
@@ -71,7 +91,8 @@ class Data:
     steps_per_epoch: int
 
 
-def _steps_per_epoch(shard_size: int, batch_size: int, name: str) -> int:
+def steps_per_epoch(shard_size: int, batch_size: int, name: str) -> int:
+    """Steps of a drop-last epoch of a shard; a ConfigError when the shard is smaller than one batch."""
     steps = shard_size // batch_size
     if steps < 1:
         raise ConfigError(
@@ -84,21 +105,13 @@ def _steps_per_epoch(shard_size: int, batch_size: int, name: str) -> int:
 def _digits(cfg, rank: int, world: int, device, part: tuple[int, int]) -> Data:
     xtr, ytr, xte, yte = load_digits_split(cfg.data.test_fraction, cfg.seed)
     shard = shard_indices(len(xtr), part[0], part[1], cfg.seed)
-    spe = _steps_per_epoch(len(shard), cfg.batch_size, "digits")
+    spe = steps_per_epoch(len(shard), cfg.batch_size, "digits")
     xtr, ytr = xtr.to(device), ytr.to(device)
     mine = torch.arange(rank, len(xte), world)
     xte, yte = xte[mine].to(device), yte[mine].to(device)
-    bs = cfg.batch_size
 
     def batches(start: int):
-        step = start
-        while True:
-            epoch, pos = divmod(step, spe)
-            order = torch.from_numpy(epoch_order(shard, cfg.seed, rank, epoch)).to(device)
-            for i in range(pos, spe):
-                idx = order[i * bs:(i + 1) * bs]
-                yield xtr[idx], ytr[idx]
-            step = (epoch + 1) * spe
+        return shard_batches(xtr, ytr, shard, cfg.seed, rank, cfg.batch_size, start)
 
     def test():
         for i in range(0, len(xte), 1024):
@@ -149,7 +162,7 @@ def _torchvision(cfg, rank: int, world: int, device, part: tuple[int, int]) -> D
     path = check_data_path(cfg)
     train_set, test_set = _torchvision_sets(cfg, path)
     shard = shard_indices(len(train_set), part[0], part[1], cfg.seed)
-    spe = _steps_per_epoch(len(shard), cfg.batch_size, cfg.data.name)
+    spe = steps_per_epoch(len(shard), cfg.batch_size, cfg.data.name)
     bs, nw = cfg.batch_size, cfg.data.num_workers
     pin = torch.device(device).type == "cuda"
 

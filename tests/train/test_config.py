@@ -1,16 +1,17 @@
 """Run configs (typed, strict), the learning-rate schedule, data sharding and the models; no processes spawned."""
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from lookahead_dist.errors import ConfigError
 from lookahead_dist.train.config import REPO_ROOT, Config, load_config, resolve_topology, to_dict
 from lookahead_dist.train.data import build_data, epoch_order, shard_indices
-from lookahead_dist.errors import ConfigError
 from lookahead_dist.train.models import DigitsCNN, build_model
-from lookahead_dist.train.trainer import lr_at
+from lookahead_dist.train.schedules import cosine, lr_at, step_decay
 
 CONFIGS = REPO_ROOT / "launch" / "configs"
 
@@ -103,8 +104,10 @@ def test_file_then_overrides(tmp_path):
 @pytest.mark.parametrize("override, pattern", [
     ("optim.lr=0", r"optim\.lr must be > 0"),
     ("optim.lr=-1", r"optim\.lr must be > 0"),
-    ("batch_size=0", r"batch_size must be >= 1"),
-    ("algorithm.tau=0", r"algorithm\.tau must be >= 1"),
+    ("batch_size=0", r"batch_size must be an integer >= 1, got 0"),
+    ("algorithm.tau=0", r"algorithm\.tau must be an integer >= 1, got 0"),
+    ("algorithm.optimizer_state=mix", r"algorithm\.optimizer_state must be one of \('keep', 'reset', 'average'\)"),
+    ("eval_every=-1", r"eval_every must be an integer >= 0, got -1 \(0: only at the end\)"),
     ("algorithm.alpha=1.5", r"algorithm\.alpha must lie in \(0, 1\]"),
     ("algorithm.beta=1", r"algorithm\.beta must lie in \[0, 1\)"),
     ("algorithm.name=sgp", r"algorithm\.name must be one of"),
@@ -135,7 +138,10 @@ def test_gpu_configs_load_without_torchvision():
     for cfg in (c, i):
         assert cfg.batch_size * 8 == 256  # 256 in total on 8 GPUs
     for name in ("digits_gossip", "digits_lookahead"):
-        load_config(CONFIGS / f"{name}.yaml")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # the shipped configs use the current names
+            load_config(CONFIGS / f"{name}.yaml")
+    assert load_config(CONFIGS / "digits_gossip.yaml").algorithm.name == "decentralized"
     if not had:
         assert "torchvision" not in sys.modules
 
@@ -168,6 +174,33 @@ def test_learning_rate_schedules():
     assert 0 < lr_at(cfg, 102, 103, 1) < 1e-3
     cfg = load_config(None, ["optim.schedule=constant"])
     assert lr_at(cfg, 399, 400, 1) == 0.1
+    # the pieces the experiments use as well
+    assert [step_decay(1.0, k, [5, 10], 0.5) for k in (4, 5, 9, 10)] == [1.0, 0.5, 0.5, 0.25]
+    assert cosine(2.0, 0, 10) == 2.0 and cosine(2.0, 5, 10) == pytest.approx(1.0) and cosine(2.0, 10, 10) == 0.0
+
+
+def test_old_spellings_load_with_a_deprecation_warning(tmp_path):
+    p = write(tmp_path, "algorithm:\n  name: gossip\n  buffers: reset\n")
+    with pytest.warns(DeprecationWarning) as caught:
+        cfg = load_config(p)
+    assert (cfg.algorithm.name, cfg.algorithm.optimizer_state) == ("decentralized", "reset")
+    messages = [str(w.message) for w in caught]
+    assert any("'algorithm.buffers' is deprecated, use 'algorithm.optimizer_state'" in m for m in messages)
+    assert any("algorithm.name: gossip is deprecated, use algorithm.name: decentralized" in m for m in messages)
+    assert len(cfg.deprecations) == 2 and all(str(p) in line for line in cfg.deprecations)
+    assert to_dict(cfg)["algorithm"]["optimizer_state"] == "reset" and "buffers" not in to_dict(cfg)["algorithm"]
+    with pytest.warns(DeprecationWarning) as caught:
+        cfg = load_config(None, ["algorithm.buffers=average", "algorithm.name=gossip"])
+    assert "--set algorithm.buffers=average: key 'algorithm.buffers' is deprecated" in str(caught[0].message)
+    assert (cfg.algorithm.name, cfg.algorithm.optimizer_state) == ("decentralized", "average")
+    with pytest.raises(ConfigError, match=r"'algorithm\.buffers' is the old name of 'algorithm\.optimizer_state'"):
+        load_config(write(tmp_path, "algorithm:\n  buffers: reset\n  optimizer_state: keep\n"))
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError,
+                                                         match=r"algorithm\.optimizer_state must be one of"):
+        load_config(None, ["algorithm.buffers=nope"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert load_config(None, ["algorithm.name=decentralized"]).deprecations == []
 
 
 def test_shards_are_disjoint_and_batches_deterministic():
