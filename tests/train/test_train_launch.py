@@ -1,6 +1,7 @@
 """launch/train.py under torchrun on 2 gloo ranks: a short real run, a NaN on one rank, a resume."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -54,7 +55,7 @@ def test_short_run_writes_the_run_directory(good_run):
     assert f"test accuracy {summary['final_test_accuracy']:.4f}" in proc.stdout
     manifest = json.loads((run / "checkpoints" / "manifest.json").read_text())
     assert manifest == {"step": 60, "world_size": 2, "files": ["step_00000060/rank_0.pt", "step_00000060/rank_1.pt"]}
-    assert not (run / "checkpoints" / "step_00000030").exists()
+    assert (run / "checkpoints" / "step_00000030" / "rank_1.pt").is_file()  # kept for a fallback (KEEP = 2)
 
 
 def test_nan_on_one_rank_stops_every_rank_then_resume_matches(good_run, tmp_path):
@@ -99,3 +100,19 @@ def test_torchrun_restart_after_a_killed_worker_ends_identical(good_run, tmp_pat
     b = torch.load(run / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in records(tmp_path / "killed")] == [10, 20, 30, 40, 50, 60]
+
+
+def test_resume_skips_a_checkpoint_damaged_on_one_rank_and_every_rank_takes_the_older_one(good_run, tmp_path):
+    good, _ = good_run
+    run = tmp_path / "run"
+    shutil.copytree(good, run)
+    damaged = run / "checkpoints" / "step_00000060" / "rank_1.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])  # truncated on rank 1 only; rank 0's step-60 file is whole
+    proc = torchrun(tmp_path, *COMMON, "--out", str(run), "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"skipped newer checkpoint(s): checkpoint file {damaged} is truncated or corrupt" in proc.stdout
+    assert "from step 30" in proc.stdout
+    a = torch.load(run / "model.pt", weights_only=True)
+    b = torch.load(good / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in records(run)] == [10, 20, 30, 40, 50, 60]
