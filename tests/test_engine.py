@@ -98,7 +98,7 @@ class RecordingComm:
         for peer, t in recvs:
             box = w.mailbox[(peer, self.rank)]
             with w.cond:
-                w.wait_for(lambda: len(box) > 0, f"a message from rank {peer} to rank {self.rank}")
+                w.wait_for(lambda box=box: len(box) > 0, f"a message from rank {peer} to rank {self.rank}")
                 msg = box.pop(0)
             assert msg.shape == t.shape and msg.dtype == t.dtype, (msg.shape, t.shape)
             t.copy_(msg)

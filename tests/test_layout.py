@@ -36,8 +36,9 @@ COMMANDS = {  # each needs a fresh interpreter; they start together, so the wait
 
 @pytest.fixture(scope="module")
 def commands() -> dict[str, subprocess.CompletedProcess]:
+    env = dict(os.environ, PYTHONWARNINGS="default")
     procs = {name: subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=dict(os.environ, PYTHONWARNINGS="default")) for name, args in COMMANDS.items()}
+                                    text=True, env=env) for name, args in COMMANDS.items()}
     done = {}
     for name, proc in procs.items():
         try:
