@@ -2,6 +2,6 @@
 
 import sys
 
-from lookahead_dist.experiments.runs import main
+from lookahead_dist.experiments.cli import main
 
 sys.exit(main())

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from lookahead_dist.experiments import runs as ex
-from lookahead_dist.experiments import report as rep
+import lookahead_dist.experiments as ex
 from lookahead_dist.errors import ConfigError
+from lookahead_dist.experiments import report as rep
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -142,3 +142,25 @@ def test_progress_without_tqdm(monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[demo]")]
     assert lines[0] == "[demo] 0/20 steps" and lines[-1].startswith("[demo] 20/20 steps")
     assert 2 <= len(lines) <= 12
+
+
+def test_the_experiments_use_the_trainers_batches_and_schedule():
+    """The experiments' batch stream and schedule are the trainer's: the same batches and rates for the same run."""
+    import torch
+
+    from lookahead_dist.experiments import common
+    from lookahead_dist.train.config import load_config
+    from lookahead_dist.train.data import build_data
+    from lookahead_dist.train.schedules import lr_at
+
+    cfg = load_config(None, ["seed=0", "batch_size=40", "optim.schedule=step", "optim.milestones=[5, 8]",
+                             "optim.lr=0.05", "steps=10"])
+    xtr, ytr, _, _ = common.digits(torch.float32)
+    for rank in (0, 2):
+        mine = common.batch_stream(xtr, ytr, 0, 40, rank, 4)
+        theirs = build_data(cfg, rank, 4).batches(0)
+        for _ in range(12):  # past the end of an epoch (8 steps of 40 in a shard of 359)
+            (x1, y1), (x2, y2) = next(mine), next(theirs)
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    fig1 = ex.Fig1Config(steps=10, lr=0.05, milestones=(0.5, 0.8), decay=0.1)
+    assert [common.scheduled_lr(fig1, k) for k in range(10)] == [lr_at(cfg, k, 10, 8) for k in range(10)]
