@@ -10,6 +10,8 @@ import torch
 
 from lookahead_dist.train.config import REPO_ROOT
 
+FIXTURES = REPO_ROOT / "tests" / "train" / "_fixtures"
+
 pytestmark = pytest.mark.dist
 
 TRAIN = str(REPO_ROOT / "launch" / "train.py")
@@ -116,3 +118,17 @@ def test_resume_skips_a_checkpoint_damaged_on_one_rank_and_every_rank_takes_the_
     b = torch.load(good / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in records(run)] == [10, 20, 30, 40, 50, 60]
+
+
+def test_a_run_checkpointed_before_the_renames_resumes_to_the_same_model(tmp_path):
+    """tests/train/_fixtures/README.md: a 2-rank SlowMo run of the code before the renames, stopped after its
+    step-10 checkpoint, resumes on this code and ends with the model of that code's uninterrupted run."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "run_before_rename", run)
+    short = ["--set", "steps=20", "--set", "log_every=10", "--set", "eval_every=10", "--set", "checkpoint_every=10"]
+    proc = torchrun(tmp_path, *short, "--out", str(run), "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "from step 10" in proc.stdout
+    a = torch.load(run / "model.pt", weights_only=True)
+    b = torch.load(FIXTURES / "straight_model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
