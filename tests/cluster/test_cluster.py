@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,37 +165,44 @@ def test_ctrl_c_stops_the_ranks_and_leaves_nothing_and_a_live_run_is_never_clean
     assert_nothing_left(_run_id("[cluster] " + lines[0]), pids)
 
 
-def test_sigterm_of_the_launcher_leaves_nothing(permitted, tmp_path):
-    links = _host_links()
-    proc = subprocess.Popen(_cli("--nodes", "2", "--bandwidth", "1gbit", "--grace", "2", "--",
-                                 str(HERE / "rank_script.py"), str(tmp_path), "sleep"),
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+def test_two_runs_at_once_do_not_collide_and_sigterm_or_sigkill_leave_nothing(permitted, tmp_path):
+    """Run a gets SIGTERM and removes everything itself; run b gets SIGKILL and the next start removes its leftovers."""
+    links, procs, dirs = _host_links(), [], [tmp_path / "a", tmp_path / "b"]
     try:
-        ranks = _wait_files(tmp_path, 2)
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=60)
+        for d in dirs:
+            d.mkdir()
+            procs.append(subprocess.Popen(_cli("--nodes", "2", "--bandwidth", "1gbit", "--grace", "2", "--",
+                                               str(HERE / "rank_script.py"), str(d), "sleep"),
+                                          cwd=ROOT, stderr=subprocess.PIPE, text=True))
+        ranks = [_wait_files(d, 2) for d in dirs]
+        subnets = [{r["MASTER_ADDR"].rsplit(".", 1)[0] for r in rs} for rs in ranks]
+        assert len(subnets[0]) == len(subnets[1]) == 1 and subnets[0] != subnets[1], subnets
+        procs[0].send_signal(signal.SIGTERM)
+        procs[1].kill()
+        errs = [p.communicate(timeout=60)[1] for p in procs]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert_nothing_left(_run_id(err), [r["pid"] for r in ranks], links)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    run_ids = [_run_id(e) for e in errs]
+    assert run_ids[0] != run_ids[1]
+    assert procs[0].returncode == 128 + signal.SIGTERM and "SIGTERM received" in errs[0], errs[0]
+    assert_nothing_left(run_ids[0], [r["pid"] for r in ranks[0]], links)
+    # SIGKILL leaves the bridge, 2 nodes and the lock (its ranks die with it: parent-death signal)
+    assert len(run_namespaces(run_ids[1])) == 3
+    assert os.path.exists(os.path.join(runs.LOCK_DIR, f"{run_ids[1]}.lock"))
+    assert run_ids[1] in runs.clean_leftovers()
+    assert_nothing_left(run_ids[1], [r["pid"] for r in ranks[1]], links)
 
 
-def test_sigkill_leftovers_are_removed_by_the_next_start(permitted, tmp_path):
-    proc = subprocess.Popen(_cli("--nodes", "2", "--bandwidth", "1gbit", "--",
-                                 str(HERE / "rank_script.py"), str(tmp_path), "sleep"),
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    try:
-        ranks = _wait_files(tmp_path, 2)
-        proc.kill()
-        err = proc.communicate(timeout=30)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    run_id = _run_id(err)
-    assert len(run_namespaces(run_id)) == 3  # what SIGKILL leaves: bridge + 2 nodes, and the lock file
-    assert run_id in runs.clean_leftovers()
-    assert_nothing_left(run_id, [r["pid"] for r in ranks])
+def test_without_the_capabilities_it_fails_at_once_saying_so(permitted):
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop capabilities")
+    proc = subprocess.run(["setpriv", "--bounding-set", "-net_admin,-sys_admin",
+                           *_cli("--nodes", "2", "--bandwidth", "1gbit", "--", "x.py")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "needs CAP_NET_ADMIN" in proc.stderr, proc.stderr
+    assert "[cluster] run" not in proc.stderr  # refused before creating anything
 
 
 def test_latency_without_netem_is_refused_saying_why(permitted, capsys):
