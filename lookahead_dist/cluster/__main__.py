@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lookahead_dist import cluster
 from lookahead_dist.cluster.launcher import Options, run
 from lookahead_dist.cluster.netns import ClusterError, parse_latency, parse_rate
 from lookahead_dist.errors import ConfigError
@@ -22,7 +23,7 @@ _LATENCY_S, _NODES and _RUN_ID. The exit code is 0 iff every rank exited 0; othe
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="python -m lookahead_dist.cluster", description=__import__("lookahead_dist.cluster").cluster.__doc__,
+        prog="python -m lookahead_dist.cluster", description=cluster.__doc__,
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, required=True, help="number of nodes (network namespaces)")
     parser.add_argument("--procs-per-node", type=int, default=1, help="ranks per node (default 1)")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -148,6 +149,10 @@ def privilege_problem() -> str | None:
     The try runs ``ip link add ... type veth`` and ``tc ... tbf`` inside
     ``unshare --net``: an anonymous namespace that vanishes with the command.
     """
+    missing = [tool for tool in ("ip", "tc", "nsenter", "unshare") if shutil.which(tool) is None]
+    if missing:
+        return (f"the emulated cluster needs iproute2's ip and tc and util-linux's nsenter and unshare; "
+                f"not found: {missing}")
     cap_net_admin, cap_sys_admin = 1 << 12, 1 << 21
     caps = _caps()
     if os.geteuid() != 0 and (caps & cap_net_admin == 0 or caps & cap_sys_admin == 0):
