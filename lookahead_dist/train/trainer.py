@@ -138,7 +138,8 @@ def _announce(cfg: Config, comm: Comm) -> None:
     if a.name == "lookahead" and comm.world_size > 1:
         print(f"[train] algorithm lookahead on {comm.world_size} ranks runs as SlowMo with beta 0 over "
               f"DistributedDataParallel: gradients all-reduced every step, and every tau={a.tau} steps the slow "
-              f"model z <- z + alpha (x - z) with alpha={a.alpha:g} (Lookahead over all-reduce SGD)", flush=True)
+              f"model z <- z + alpha (x_bar - z), alpha={a.alpha:g}, x_bar the workers' average (Lookahead over "
+              f"all-reduce SGD)", flush=True)
 
 
 def train(cfg: Config) -> dict:
