@@ -6,13 +6,23 @@ low-level failure into a :class:`~lookahead_dist.errors.CommError` that names
 the lost peer's rank, and keeps a heartbeat in the process group's store so
 that the rank of a dead peer is known even where the backend reports only an
 address (gloo does).
+
+A clean exit. The heartbeat threads are daemons that call into the store with
+the GIL released; one still inside such a call when the interpreter finalizes
+is killed by ``pthread_exit`` from a C++ destructor, which aborts the process
+("terminate called without an active exception", pytorch/pytorch#38228). So
+every heartbeat stops when its :class:`Comm` is closed or collected, when the
+default group is destroyed, and at the latest in an ``atexit`` hook that joins
+them all before finalization starts.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterable, Sequence
 
@@ -27,9 +37,12 @@ __all__ = [
     "destroy_process_group",
     "default_backend",
     "is_initialized",
+    "stop_heartbeats",
 ]
 
 _HB_PREFIX = "lookahead_dist/heartbeat/"
+# What a failed collective raises (DistBackendError is a RuntimeError where torch has it).
+_BACKEND_ERRORS = (RuntimeError, getattr(dist, "DistBackendError", RuntimeError))
 
 
 def is_initialized() -> bool:
@@ -43,26 +56,32 @@ def default_backend(device: torch.device | None = None) -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
-def import_dynamo_first() -> None:
-    """Import torch._dynamo before any process group exists.
+def _import_before_any_group() -> None:
+    """Import torch.distributed.nn while no process group exists, if none does yet.
 
-    torch.optim imports it when the first optimizer is built; imported after
-    init_process_group, it keeps the default group alive past
-    destroy_process_group (seen with torch 2.13), and the group's gloo worker
-    threads can then abort the interpreter at exit ("terminate called without
-    an active exception") on whichever rank finishes first.
+    torch.distributed.nn.functional writes ``group=group.WORLD`` as a default
+    argument of ten functions, so importing it while a default group exists
+    stores that group in the functions' defaults, and the group (its gloo
+    threads and sockets) then outlives ``destroy_process_group`` until the
+    interpreter exits (seen with torch 2.13). torch imports it with torch._dynamo,
+    which torch.optim imports when the first optimizer is built, usually after
+    ``init_process_group``. Imported here first, the defaults hold None.
     """
-    try:
-        import torch._dynamo  # noqa: F401
-    except ImportError:
-        pass
+    if dist.is_available() and not dist.is_initialized():
+        try:
+            import torch.distributed.nn  # noqa: F401
+        except ImportError:
+            pass
+
+
+_import_before_any_group()
 
 
 def init_process_group(backend: str | None = None, timeout_s: float = 300.0, **kw) -> None:
     """Initialise from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) unless already done."""
     if is_initialized():
         return
-    import_dynamo_first()
+    _import_before_any_group()
     backend = backend or default_backend()
     if backend == "nccl" and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -93,7 +112,7 @@ def join_local_group(port: int, rank: int, world_size: int, backend: str = "gloo
     """Join the group whose store :func:`host_store` serves on ``port`` of this machine."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-    import_dynamo_first()
+    _import_before_any_group()
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
@@ -103,28 +122,57 @@ def world_size() -> int:
 
 
 def destroy_process_group() -> None:
+    """Stop every heartbeat of this process, then destroy every process group."""
+    stop_heartbeats()
     if is_initialized():
         dist.destroy_process_group()
 
 
 class _Heartbeat(threading.Thread):
-    """Bumps this rank's counter in the store every ``interval`` seconds."""
+    """Bumps this rank's counter in the store every ``interval`` seconds, until stopped or the group is gone."""
 
     def __init__(self, store, rank: int, interval: float):
         super().__init__(daemon=True, name=f"lookahead_dist-heartbeat-{rank}")
         self.store, self.key, self.interval = store, f"{_HB_PREFIX}{rank}", interval
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()  # not _stop: Thread._stop is a method
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop_event.is_set() and is_initialized():
             try:
                 self.store.add(self.key, 1)
             except Exception:  # the store host is gone: nothing left to report to
                 return
-            self._stop.wait(self.interval)
+            self._stop_event.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_event.set()
+
+
+# Every heartbeat thread started in this process and not yet finished.
+_HEARTBEATS: weakref.WeakSet[_Heartbeat] = weakref.WeakSet()
+
+
+def _stop_heartbeat(hb: _Heartbeat, timeout: float) -> None:
+    hb.stop()
+    if hb.is_alive() and hb is not threading.current_thread():
+        hb.join(timeout)
+
+
+def stop_heartbeats(timeout: float = 5.0) -> None:
+    """Stop every heartbeat thread of this process and wait (up to ``timeout`` seconds in all) until each ends.
+
+    Runs at interpreter exit (``atexit``), before finalization, so that no heartbeat is inside a store call
+    when the interpreter finalizes; :func:`destroy_process_group` calls it too.
+    """
+    beats = list(_HEARTBEATS)
+    for hb in beats:
+        hb.stop()
+    deadline = time.monotonic() + timeout
+    for hb in beats:
+        _stop_heartbeat(hb, max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(stop_heartbeats)
 
 
 class Comm:
@@ -155,12 +203,23 @@ class Comm:
                 self._store = None
             if self._store is not None:
                 self._hb = _Heartbeat(self._store, self.rank, heartbeat)
+                _HEARTBEATS.add(self._hb)
                 self._hb.start()
+                # Stop the thread when this Comm is collected (the thread holds no reference to it).
+                self._hb_finalizer = weakref.finalize(self, _Heartbeat.stop, self._hb)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop this Comm's heartbeat and wait (up to ``timeout`` seconds) until its thread ends. Idempotent."""
         if self._hb is not None:
-            self._hb.stop()
-            self._hb = None
+            hb, self._hb = self._hb, None
+            self._hb_finalizer.detach()
+            _stop_heartbeat(hb, timeout)
+
+    def __enter__(self) -> Comm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- groups -----------------------------------------------------------------
     def group(self, ranks: Sequence[int]):
@@ -206,7 +265,7 @@ class Comm:
             yield
         except CommError:
             raise
-        except (RuntimeError, dist.DistBackendError if hasattr(dist, "DistBackendError") else RuntimeError) as exc:
+        except _BACKEND_ERRORS as exc:
             peers = list(peers) if peers is not None else None
             lost = self.lost_peers(peers)
             if not lost and peers is not None:
