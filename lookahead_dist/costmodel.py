@@ -1,0 +1,403 @@
+"""A network cost model: predicted communication and step time of a mixing schedule on a cluster of nodes.
+
+From the plans that :func:`lookahead_dist.plan.compile_plan` compiles for every
+phase and rank, the model predicts what one step costs each rank on a cluster
+of nodes, each node a NIC of ``bandwidth`` bits/s shared by its ranks (ranks
+numbered node by node: rank r lives on node r // ranks_per_node):
+
+* **Exchange** (point-to-point messages of one phase, all in flight at once).
+  The bottleneck is a node's NIC: the bytes of *all* the node's outgoing
+  inter-node messages (its egress) go through it one after another, and so do
+  its incoming ones (ingress; a NIC is full duplex, so the two directions do
+  not add up). A rank is done when its node's traffic and the traffic of every
+  node that sends to it has passed::
+
+      T_x(r) = max(max(E_u, I_u) for u = node(r), E_v for every node v sending to r) / B
+               + latency + overhead x (messages sent + received by r)
+
+  with B the usable payload bandwidth, ``bandwidth / 8 x 1448/1514`` bytes/s
+  (TCP over Ethernet at MTU 1500 with timestamps: 1448 payload bytes in every
+  1514 on the wire), ``latency`` the link's one-way latency (paid once: the
+  messages travel at the same time) and ``overhead`` the per-operation cost of
+  the communication library (gloo: 0.1-0.5 ms here, :data:`GLOO_OP_OVERHEAD_S`,
+  measured). Messages between ranks of one node go at ``intra_bandwidth``
+  (NVLink, or the kernel's loopback on the emulated cluster) in parallel with
+  the NIC.
+* **All-reduce** over p ranks, as a ring (Patarasuk & Yuan, "Bandwidth optimal
+  all-reduce algorithms for clusters of workstations", JPDC 69(2), 2009;
+  Thakur, Rabenseifner & Gropp, "Optimization of collective communication
+  operations in MPICH", IJHPCA 19(1), 2005, the alpha-beta cost
+  2 (p - 1) alpha + 2 (p - 1)/p n beta of reduce-scatter + all-gather)::
+
+      T_ring = 2 (p - 1) / p x bytes / B x h + 2 (p - 1) x (latency + overhead)
+
+  where h is the largest number of ring hops that leave one node (1 when the
+  ranks of each node are consecutive in the ring, as with the ranks numbered
+  node by node); this is what gloo runs. ``hierarchical`` (when ranks share
+  nodes, as NCCL does): a reduce-scatter and an all-gather inside each node of
+  c ranks at ``intra_bandwidth`` around a ring across the m nodes::
+
+      T_hier = 2 (m - 1) / m x bytes / B + 2 (m - 1) x (latency + overhead)
+               + 2 (c - 1) / c x bytes / B_intra + 2 (c - 1) x overhead
+
+* **CPU term.** On the emulated cluster every node shares the machine's cores,
+  which move at most ``cpu_bytes_per_s`` bytes per second in all (2 cores:
+  about 16 Gbit/s of shaped traffic). A phase then takes at least its total
+  bytes (every message, intra-node included) / ``cpu_bytes_per_s``; when this
+  is the larger term the phase is reported as CPU-limited. None (the default)
+  means a real cluster, where each node's own CPUs drive its NIC.
+* **Combine.** The weighted sum after an exchange reads every source and the
+  receiver's own buffer and writes it; after an all-reduce the weighted input
+  is read and written and the result copied to every receiver. Its bytes over
+  ``memory_bytes_per_s``.
+* **Step time.** blocking = compute + communication + combine (the
+  communication waits for the backward pass, the next forward waits for it);
+  overlapped = max(compute, communication) + combine (communication runs
+  behind the forward and backward pass, the combine cannot).
+* **Consensus.** With per-step consensus rate rho (the spectral radius of the
+  period product minus a 1^T, to the power 1/period), the consensus distance
+  shrinks like rho^k: reaching eps takes ceil(log eps / log rho) steps; a
+  schedule whose period product is the exact average (rate 0) reaches it in one
+  period.
+
+Assumptions, beyond the formulas: all ranks start a phase at once (a
+synchronous step) and the slowest rank is the step; the phases of a rank run
+one after the other (all-reduces, then the exchange, as the engine runs them);
+concurrent all-reduces of disjoint groups do not slow each other down; TCP
+reaches the shaped rate (messages much longer than the token bucket's burst);
+inter-node messages of different nodes do not meet in the network core (a
+non-blocking switch). Pure NumPy; no process is started.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lookahead_dist.errors import ConfigError
+from lookahead_dist.mixing import Schedule
+from lookahead_dist.plan import Plan, compile_plan
+
+__all__ = [
+    "GLOO_OP_OVERHEAD_S",
+    "WIRE_FRACTION",
+    "Links",
+    "RankTraffic",
+    "PhaseCost",
+    "ScheduleCost",
+    "usable_bandwidth",
+    "ring_allreduce_time",
+    "hierarchical_allreduce_time",
+    "rank_traffic",
+    "traffic_of_phase",
+    "phase_cost",
+    "schedule_cost",
+    "step_times",
+    "steps_to_consensus",
+]
+
+WIRE_FRACTION = 1448 / 1514  # TCP payload per byte on the wire, MTU 1500, TCP timestamps on
+# gloo's cost per point-to-point operation or ring step, measured with 2 ranks on this machine's loopback
+# (1 KiB exchanges: 0.19-0.21 ms; a 2-rank all-reduce, 2 ring steps: 0.33 ms)
+GLOO_OP_OVERHEAD_S = 2.0e-4
+ALGORITHMS = ("auto", "ring", "hierarchical")
+
+
+@dataclass(frozen=True)
+class Links:
+    """The cluster's links and machines (rates in bits/s, times in s, memory in bytes/s).
+
+    ``allreduce``: "ring" (a flat ring over the group's ranks, what gloo runs),
+    "hierarchical" (inside nodes, then a ring across nodes, then inside nodes),
+    or "auto" (hierarchical when a group has more than one rank on some node
+    and spans more than one node, else ring).
+    """
+
+    bandwidth_bits: float
+    latency_s: float = 0.0
+    intra_bandwidth_bits: float = 800e9  # NVLink-class default; the emulated cluster's loopback is far slower
+    op_overhead_s: float = GLOO_OP_OVERHEAD_S
+    cpu_bytes_per_s: float | None = None
+    memory_bytes_per_s: float = 20e9
+    wire_fraction: float = WIRE_FRACTION
+    allreduce: str = "auto"
+
+    def __post_init__(self):
+        for name in ("bandwidth_bits", "intra_bandwidth_bits", "memory_bytes_per_s", "wire_fraction"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ConfigError(f"Links.{name}: must be a positive finite number, got {v!r}")
+        for name in ("latency_s", "op_overhead_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"Links.{name}: must be a finite number >= 0, got {v!r}")
+        if self.cpu_bytes_per_s is not None and not self.cpu_bytes_per_s > 0:
+            raise ConfigError(f"Links.cpu_bytes_per_s: must be positive or None, got {self.cpu_bytes_per_s!r}")
+        if self.wire_fraction > 1:
+            raise ConfigError(f"Links.wire_fraction: must be in (0, 1], got {self.wire_fraction!r}")
+        if self.allreduce not in ALGORITHMS:
+            raise ConfigError(f"Links.allreduce: must be one of {list(ALGORITHMS)}, got {self.allreduce!r}")
+
+    @property
+    def inter_bytes_per_s(self) -> float:
+        return usable_bandwidth(self.bandwidth_bits, self.wire_fraction)
+
+    @property
+    def intra_bytes_per_s(self) -> float:
+        return self.intra_bandwidth_bits / 8
+
+
+def usable_bandwidth(rate_bits: float, wire_fraction: float = WIRE_FRACTION) -> float:
+    """Payload bytes per second through a link of ``rate_bits``: rate / 8 x 1448/1514 for TCP at MTU 1500."""
+    return rate_bits / 8 * wire_fraction
+
+
+def ring_allreduce_time(nbytes: float, p: int, bytes_per_s: float, step_latency_s: float = 0.0,
+                        hops_per_link: int = 1) -> float:
+    """2 (p - 1)/p x nbytes / bytes_per_s x hops_per_link + 2 (p - 1) x step_latency_s; 0 for p = 1."""
+    if p <= 1:
+        return 0.0
+    return 2 * (p - 1) / p * nbytes / bytes_per_s * hops_per_link + 2 * (p - 1) * step_latency_s
+
+
+def hierarchical_allreduce_time(nbytes: float, nodes: int, per_node: int, links: Links) -> float:
+    """Inside each node (c = per_node ranks) at intra bandwidth, a ring across ``nodes`` at the NIC's."""
+    inter = ring_allreduce_time(nbytes, nodes, links.inter_bytes_per_s, links.latency_s + links.op_overhead_s)
+    intra = ring_allreduce_time(nbytes, per_node, links.intra_bytes_per_s, links.op_overhead_s)
+    return inter + intra
+
+
+@dataclass(frozen=True)
+class RankTraffic:
+    """What one rank moves in one phase: (peer, bytes) sent and received, all-reduce groups, combine bytes."""
+
+    rank: int
+    sends: tuple[tuple[int, int], ...] = ()
+    recvs: tuple[tuple[int, int], ...] = ()
+    allreduces: tuple[tuple[int, ...], ...] = ()
+    combine_bytes: int = 0
+
+    def shifted(self, by: int, world: int) -> "RankTraffic":
+        """The traffic of rank ``rank + by`` under the symmetry r -> r + by (mod world) of the schedule."""
+        def s(r):
+            return (r + by) % world
+        groups = tuple(g if len(g) == world else tuple(sorted(s(r) for r in g)) for g in self.allreduces)
+        return RankTraffic(s(self.rank), tuple(sorted((s(p), b) for p, b in self.sends)),
+                           tuple(sorted((s(p), b) for p, b in self.recvs)), groups, self.combine_bytes)
+
+
+def rank_traffic(plan: Plan, buffer_bytes: int) -> RankTraffic:
+    """The messages, all-reduce groups and combine bytes of one compiled plan, for agents of ``buffer_bytes``."""
+    sends, recvs, combine = (), (), 0
+    if plan.exchange is not None:
+        ex = plan.exchange
+        sends = tuple((peer, len(agents) * buffer_bytes) for peer, agents in ex.sends)
+        recvs = tuple((peer, len(agents) * buffer_bytes) for peer, agents in ex.recvs)
+        combine += sum((len(ws) + 1) * buffer_bytes for _, ws in ex.combine)
+    if plan.local is not None:
+        combine += sum((len(ws) + 1) * buffer_bytes for _, ws in plan.local.combine)
+    for ar in plan.allreduces:
+        combine += (len(ar.coeffs) + 1 + len(ar.receivers)) * buffer_bytes
+    return RankTraffic(plan.rank, sends, recvs, tuple(ar.ranks for ar in plan.allreduces), combine)
+
+
+@dataclass
+class PhaseCost:
+    """The predicted cost of one phase on every rank (arrays indexed by rank, seconds and bytes)."""
+
+    comm_s: np.ndarray  # communication: all-reduces then the exchange
+    combine_s: np.ndarray
+    bytes_sent: np.ndarray  # point to point, plus 2 (p - 1)/p x buffer per all-reduce
+    node_egress: np.ndarray  # inter-node bytes leaving each node
+    cpu_limited: bool = False
+
+    @property
+    def time_s(self) -> float:
+        """The phase's duration: its slowest rank's communication plus combine."""
+        return float(np.max(self.comm_s + self.combine_s)) if len(self.comm_s) else 0.0
+
+
+def _symmetry(P: np.ndarray, placement: tuple[int, ...], candidates) -> int | None:
+    """The smallest s in ``candidates`` with P invariant under agent (= rank) i -> i + s mod n, if any."""
+    n = P.shape[0]
+    if placement != tuple(range(n)):
+        return None
+    for s in sorted({int(c) for c in candidates if 0 < c < n and n % c == 0}):
+        if np.array_equal(np.roll(P, (s, s), axis=(0, 1)), P):
+            return s
+    return None
+
+
+def traffic_of_phase(P: np.ndarray, placement, buffer_bytes: int, ranks_per_node: int = 1,
+                     cache: dict | None = None) -> list[RankTraffic]:
+    """Every rank's :class:`RankTraffic` for one phase, compiling as few plans as the schedule's symmetry allows.
+
+    When P (one agent per rank) is invariant under r -> r + s, only ranks 0 .. s - 1 are compiled
+    and the others are their shifts; otherwise every rank is compiled. ``cache`` (a dict) keeps plans
+    across calls, keyed by the matrix's bytes.
+    """
+    P = np.asarray(P, dtype=np.float64)
+    placement = tuple(int(r) for r in placement)
+    world = max(placement) + 1
+    key = (P.shape, hash(P.tobytes()), placement)
+    plans = None if cache is None else cache.get(key)
+    if plans is None:
+        s = _symmetry(P, placement, (1, ranks_per_node))
+        base = [compile_plan(P, placement, r) for r in range(s if s else world)]
+        plans = (s, base)
+        if cache is not None:
+            cache[key] = plans
+    s, base = plans
+    first = [rank_traffic(p, buffer_bytes) for p in base]
+    if not s:
+        return first
+    return [first[r % s].shifted(r - r % s, world) if r >= s else first[r] for r in range(world)]
+
+
+def _allreduce_time(group: tuple[int, ...], nbytes: int, rpn: int, links: Links) -> float:
+    p = len(group)
+    nodes: dict[int, int] = {}
+    for r in group:
+        nodes[r // rpn] = nodes.get(r // rpn, 0) + 1
+    m, c = len(nodes), max(nodes.values())
+    if m == 1:
+        return ring_allreduce_time(nbytes, p, links.intra_bytes_per_s, links.op_overhead_s)
+    algo = links.allreduce
+    if algo == "auto":
+        algo = "hierarchical" if c > 1 else "ring"
+    if algo == "hierarchical":
+        return hierarchical_allreduce_time(nbytes, m, c, links)
+    hops: dict[int, int] = {}
+    for a, b in zip(group, group[1:] + group[:1]):  # the ring in rank order
+        if a // rpn != b // rpn:
+            hops[a // rpn] = hops.get(a // rpn, 0) + 1
+    return ring_allreduce_time(nbytes, p, links.inter_bytes_per_s, links.latency_s + links.op_overhead_s,
+                               max(hops.values()))
+
+
+def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: int, links: Links) -> PhaseCost:
+    """The predicted cost of one phase from every rank's traffic (see the module's formulas)."""
+    world, rpn = len(traffic), ranks_per_node
+    nnodes = -(-world // rpn)
+    egress, ingress = np.zeros(nnodes), np.zeros(nnodes)
+    intra_sent, total_bytes = np.zeros(world), 0.0
+    senders: list[set] = [set() for _ in range(world)]
+    for t in traffic:
+        u = t.rank // rpn
+        for peer, b in t.sends:
+            total_bytes += b
+            if peer // rpn != u:
+                egress[u] += b
+                ingress[peer // rpn] += b
+                senders[peer].add(u)
+            else:
+                intra_sent[t.rank] += b
+    B = links.inter_bytes_per_s
+    comm, combine, sent = np.zeros(world), np.zeros(world), np.zeros(world)
+    groups_done: dict[tuple[int, ...], float] = {}
+    for t in traffic:
+        u = t.rank // rpn
+        for g in t.allreduces:
+            if g not in groups_done:
+                groups_done[g] = _allreduce_time(g, buffer_bytes, rpn, links)
+                total_bytes += 2 * (len(g) - 1) * buffer_bytes
+            comm[t.rank] += groups_done[g]
+            sent[t.rank] += 2 * (len(g) - 1) * buffer_bytes // len(g)
+        if t.sends or t.recvs:
+            inter = max([egress[u], ingress[u]] + [egress[v] for v in senders[t.rank]]) / B
+            intra = intra_sent[t.rank] / links.intra_bytes_per_s
+            crosses = any(p // rpn != u for p, _ in t.sends + t.recvs)
+            comm[t.rank] += (max(inter, intra) + (links.latency_s if crosses else 0.0)
+                             + links.op_overhead_s * (len(t.sends) + len(t.recvs)))
+        sent[t.rank] += sum(b for _, b in t.sends)
+        combine[t.rank] = t.combine_bytes / links.memory_bytes_per_s
+    cpu_limited = False
+    if links.cpu_bytes_per_s is not None and total_bytes:
+        cpu_s = total_bytes / links.cpu_bytes_per_s
+        active = comm > 0
+        if np.any(comm[active] < cpu_s):
+            cpu_limited = True
+            comm[active] = np.maximum(comm[active], cpu_s)
+    return PhaseCost(comm, combine, sent, egress, cpu_limited)
+
+
+@dataclass
+class ScheduleCost:
+    """Per-phase costs of a schedule, and their average per step (phases weighted by their repeats)."""
+
+    phases: list[PhaseCost]
+    repeats: list[int]
+    period: int = field(init=False)
+
+    def __post_init__(self):
+        self.period = sum(self.repeats)
+
+    def _mean(self, f) -> float:
+        return sum(r * f(p) for p, r in zip(self.phases, self.repeats)) / self.period
+
+    @property
+    def comm_s(self) -> float:
+        """Mean communication time per step of the slowest rank."""
+        return self._mean(lambda p: float(np.max(p.comm_s)) if len(p.comm_s) else 0.0)
+
+    @property
+    def combine_s(self) -> float:
+        return self._mean(lambda p: float(np.max(p.combine_s)) if len(p.combine_s) else 0.0)
+
+    @property
+    def mix_s(self) -> float:
+        """Mean time per step of the whole mixing step (communication and combine) on the slowest rank."""
+        return self._mean(lambda p: p.time_s)
+
+    @property
+    def bytes_per_rank(self) -> float:
+        """Mean bytes sent per rank per step (the busiest rank)."""
+        return self._mean(lambda p: float(np.max(p.bytes_sent)) if len(p.bytes_sent) else 0.0)
+
+    @property
+    def cpu_limited(self) -> bool:
+        return any(p.cpu_limited for p in self.phases)
+
+
+def schedule_cost(schedule: Schedule, placement, buffer_bytes: int, links: Links, ranks_per_node: int = 1,
+                  cache: dict | None = None) -> ScheduleCost:
+    """Predicted cost of every phase of ``schedule`` with agents of ``buffer_bytes`` placed by ``placement``."""
+    if not isinstance(ranks_per_node, int) or isinstance(ranks_per_node, bool) or ranks_per_node < 1:
+        raise ConfigError(f"ranks_per_node: must be an integer >= 1, got {ranks_per_node!r}")
+    if not isinstance(buffer_bytes, (int, np.integer)) or buffer_bytes < 0:
+        raise ConfigError(f"buffer_bytes: must be an integer >= 0, got {buffer_bytes!r}")
+    placement = tuple(int(r) for r in placement)
+    world = max(placement) + 1
+    if world % ranks_per_node:
+        raise ConfigError(f"ranks_per_node: {ranks_per_node} does not divide the {world} ranks")
+    costs = []
+    for ph in schedule.phases:
+        if ph.is_identity:
+            z = np.zeros(world)
+            costs.append(PhaseCost(z, z.copy(), z.copy(), np.zeros(world // ranks_per_node)))
+            continue
+        traffic = traffic_of_phase(ph.matrix, placement, buffer_bytes, ranks_per_node, cache)
+        costs.append(phase_cost(traffic, buffer_bytes, ranks_per_node, links))
+    return ScheduleCost(costs, [ph.repeat for ph in schedule.phases])
+
+
+def step_times(compute_s: float, comm_s: float, combine_s: float = 0.0) -> tuple[float, float]:
+    """(blocking, overlapped) step time: compute + comm + combine, and max(compute, comm) + combine."""
+    return compute_s + comm_s + combine_s, max(compute_s, comm_s) + combine_s
+
+
+def steps_to_consensus(rate_per_step: float, eps: float = 1e-3, period: int = 1,
+                       period_rate: float | None = None) -> float:
+    """Steps until the consensus distance is below ``eps`` (relative to the start), for rate rho per step.
+
+    ceil(log eps / log rho); ``period`` steps when the period product averages exactly (``period_rate``
+    or rho below 1e-12); infinity when rho >= 1 (no consensus).
+    """
+    if not 0 < eps < 1:
+        raise ConfigError(f"eps: the consensus distance must be in (0, 1), got {eps!r}")
+    if (period_rate is not None and period_rate < 1e-12) or rate_per_step < 1e-12:
+        return float(period)
+    if rate_per_step >= 1:
+        return math.inf
+    return float(max(1, math.ceil(math.log(eps) / math.log(rate_per_step) - 1e-9)))

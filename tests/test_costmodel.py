@@ -1,0 +1,187 @@
+"""The network cost model on cases computed by hand (no processes).
+
+Units: B = 1 Gbit/s / 8 x 1448/1514 payload bytes/s unless a test says otherwise.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lookahead_dist.costmodel import (
+    WIRE_FRACTION,
+    Links,
+    RankTraffic,
+    hierarchical_allreduce_time,
+    phase_cost,
+    rank_traffic,
+    ring_allreduce_time,
+    schedule_cost,
+    step_times,
+    steps_to_consensus,
+    traffic_of_phase,
+    usable_bandwidth,
+)
+from lookahead_dist.errors import ConfigError
+from lookahead_dist.generators import complete, exponential, hierarchical, one_peer_exponential, ring
+from lookahead_dist.mixing import Phase, Schedule
+from lookahead_dist.plan import compile_plan
+
+GBIT = 1e9
+B = 1e9 / 8 * 1448 / 1514  # 119.55 MB/s
+MB40 = 40_000_000
+BARE = dict(op_overhead_s=0.0, memory_bytes_per_s=1e30)  # links without per-operation costs
+
+
+def cost(P, world, rpn, links, nbytes=MB40, placement=None):
+    sched = Schedule(P if isinstance(P, list) else [P])
+    return schedule_cost(sched, placement or tuple(range(world)), nbytes, links, rpn)
+
+
+def test_usable_bandwidth_is_the_tcp_payload_share_of_the_rate():
+    assert usable_bandwidth(GBIT) == pytest.approx(119_550_858.65, rel=1e-9)
+    assert Links(GBIT).inter_bytes_per_s == usable_bandwidth(GBIT)
+    from lookahead_dist.cluster.netns import WIRE_FRACTION as CLUSTER_FRACTION
+    from lookahead_dist.cluster.netns import usable_rate
+
+    assert WIRE_FRACTION == CLUSTER_FRACTION and usable_rate(5e9) == usable_bandwidth(5e9)
+
+
+def test_ring_exchange_on_8_nodes_is_twice_the_buffer_over_the_nic():
+    # every node sends its 40 MB to its two neighbours: 80 MB through each NIC -> 0.669 s
+    c = cost(ring(8), 8, 1, Links(GBIT, **BARE))
+    assert c.comm_s == pytest.approx(80e6 / B, rel=1e-12)
+    assert c.comm_s == pytest.approx(0.669, abs=5e-4)
+    assert c.bytes_per_rank == 80e6
+    assert np.all(c.phases[0].node_egress == 80e6)
+
+
+def test_latency_once_and_overhead_per_message():
+    # ring: 2 sends + 2 receives per rank -> latency + 4 x overhead on top of the bandwidth term
+    c = cost(ring(8), 8, 1, Links(GBIT, latency_s=1e-3, op_overhead_s=2e-4, memory_bytes_per_s=1e30))
+    assert c.comm_s == pytest.approx(80e6 / B + 1e-3 + 4 * 2e-4, rel=1e-12)
+
+
+def test_complete_is_one_ring_allreduce():
+    # 2 (p - 1)/p x bytes / B = 14/8 x 40 MB / B = 0.585 s, plus 2 (p - 1) = 14 steps of latency + overhead
+    links = Links(GBIT, latency_s=1e-4, op_overhead_s=2e-4, memory_bytes_per_s=1e30)
+    c = cost(complete(8), 8, 1, links)
+    assert c.comm_s == pytest.approx(14 / 8 * MB40 / B + 14 * 3e-4, rel=1e-12)
+    assert c.bytes_per_rank == 14 * MB40 // 8
+    assert ring_allreduce_time(MB40, 8, B) == pytest.approx(0.5855, abs=1e-4)
+
+
+def test_node_egress_adds_all_ranks_of_a_node():
+    # ring of 8 ranks on 4 nodes of 2: rank 2u talks to 2u - 1 (other node) and 2u + 1 (same node);
+    # each node sends one buffer out per direction -> 2 x 40 MB through its NIC
+    c = cost(ring(8), 8, 2, Links(GBIT, **BARE))
+    assert np.all(c.phases[0].node_egress == 2 * MB40)
+    assert c.comm_s == pytest.approx(2 * MB40 / B, rel=1e-12)
+    # exponential on 8 ranks, 4 nodes: rank r sends to r+1, r+2, r+4; from node 0 (ranks 0, 1):
+    # 0->1 stays inside, 0->2, 0->4, 1->2, 1->3, 1->5 leave: 5 buffers
+    e = cost(exponential(8), 8, 2, Links(GBIT, **BARE))
+    assert np.all(e.phases[0].node_egress == 5 * MB40)
+    assert e.comm_s == pytest.approx(5 * MB40 / B, rel=1e-12)
+
+
+def test_intra_node_messages_use_the_intra_bandwidth():
+    # 2 ranks on one node exchanging (a 2-ring): 40 MB at 8 Gbit/s = 1 GB/s -> 0.04 s, no NIC traffic
+    c = cost(ring(2), 2, 2, Links(GBIT, intra_bandwidth_bits=8e9, **BARE))
+    assert c.phases[0].node_egress.tolist() == [0.0]
+    assert c.comm_s == pytest.approx(0.04, rel=1e-12)
+
+
+def test_hierarchical_schedule_by_hand():
+    # 4 nodes x 2 ranks, inter = ring: phase 0 averages inside each node (an all-reduce of 2 ranks at
+    # intra bandwidth: 2 x 1/2 x 40 MB / 10 GB/s = 4 ms); phase 1: each rank sends its buffer to the
+    # same local rank of the two neighbouring nodes: 2 ranks x 2 peers x 40 MB = 160 MB per NIC
+    links = Links(GBIT, intra_bandwidth_bits=80e9, **BARE)
+    c = cost(hierarchical(4, 2), 8, 2, links)
+    assert c.phases[0].comm_s.tolist() == pytest.approx([MB40 / 10e9] * 8)
+    assert c.phases[1].comm_s.tolist() == pytest.approx([160e6 / B] * 8)
+    assert c.comm_s == pytest.approx((MB40 / 10e9 + 160e6 / B) / 2)
+
+
+def test_hierarchical_allreduce_formula():
+    links = Links(GBIT, latency_s=5e-6, intra_bandwidth_bits=800e9, op_overhead_s=1e-5)
+    # 4 nodes: 2 x 3/4 x bytes / B + 6 x (5 + 10) us; 8 per node: 2 x 7/8 x bytes / 100 GB/s + 14 x 10 us
+    want = 1.5 * MB40 / B + 6 * 15e-6 + 1.75 * MB40 / 100e9 + 14 * 1e-5
+    assert hierarchical_allreduce_time(MB40, 4, 8, links) == pytest.approx(want, rel=1e-12)
+    # "auto" picks it for an all-reduce over 32 ranks on 4 nodes; "ring" runs the flat ring of 32
+    auto = cost(complete(32), 32, 8, Links(GBIT, latency_s=5e-6, op_overhead_s=1e-5, memory_bytes_per_s=1e30))
+    assert auto.comm_s == pytest.approx(want, rel=1e-12)
+    flat = cost(complete(32), 32, 8, Links(GBIT, latency_s=5e-6, op_overhead_s=1e-5, memory_bytes_per_s=1e30,
+                                           allreduce="ring"))
+    assert flat.comm_s == pytest.approx(2 * 31 / 32 * MB40 / B + 62 * 15e-6, rel=1e-12)
+
+
+def test_ring_allreduce_counts_ring_hops_leaving_one_node():
+    # ranks 0 and 2 on node 0, 1 and 3 on node 1 (placement by agent): a ring 0-1-2-3-0 leaves
+    # each node twice, so each NIC carries two hops' chunks
+    t = [RankTraffic(r, allreduces=((0, 1, 2, 3),)) for r in range(4)]
+    links = Links(GBIT, allreduce="ring", **BARE)
+    c = phase_cost(t, MB40, 1, links)  # one rank per node: one hop per NIC
+    assert c.comm_s.tolist() == pytest.approx([ring_allreduce_time(MB40, 4, B)] * 4)
+    two = phase_cost([RankTraffic(r, allreduces=((0, 1, 2, 3),)) for r in range(4)], MB40, 2, links)
+    assert two.comm_s[0] == pytest.approx(ring_allreduce_time(MB40, 4, B), rel=1e-12)  # 0,1 | 2,3: one hop out
+
+
+def test_cpu_term_takes_over_when_the_cores_are_the_limit():
+    # ring on 8 nodes moves 8 x 80 MB = 640 MB in all; at 0.5 GB/s that takes 1.28 s > 0.669 s on the links
+    slow = cost(ring(8), 8, 1, Links(GBIT, cpu_bytes_per_s=0.5e9, **BARE))
+    assert slow.cpu_limited and slow.comm_s == pytest.approx(1.28, rel=1e-12)
+    fast = cost(ring(8), 8, 1, Links(GBIT, cpu_bytes_per_s=2e9, **BARE))
+    assert not fast.cpu_limited and fast.comm_s == pytest.approx(80e6 / B, rel=1e-12)
+
+
+def test_combine_bytes_and_time():
+    # ring: receiver reads itself and 2 received buffers and writes itself: (3 + 1) x 40 MB at 16 GB/s = 10 ms
+    plan = compile_plan(ring(8), tuple(range(8)), 0)
+    assert rank_traffic(plan, MB40).combine_bytes == 4 * MB40
+    c = cost(ring(8), 8, 1, Links(GBIT, op_overhead_s=0.0, memory_bytes_per_s=16e9))
+    assert c.combine_s == pytest.approx(0.01) and c.mix_s == pytest.approx(80e6 / B + 0.01)
+
+
+def test_time_varying_schedules_average_over_the_period():
+    # one-peer exponential on 8: 3 phases, each one send and one receive of 40 MB per rank
+    c = cost([p.matrix for p in one_peer_exponential(8)], 8, 1, Links(GBIT, **BARE))
+    assert c.period == 3 and c.comm_s == pytest.approx(MB40 / B)
+    # local SGD, tau = 4: three identity steps, then an all-reduce; per step a quarter of it
+    n = 8
+    s = Schedule([Phase(np.eye(n), 3), Phase(complete(n), 1)])
+    lc = schedule_cost(s, tuple(range(n)), MB40, Links(GBIT, **BARE))
+    assert lc.comm_s == pytest.approx(ring_allreduce_time(MB40, 8, B) / 4)
+    assert lc.phases[0].comm_s.tolist() == [0.0] * n
+
+
+def test_symmetry_shortcut_gives_what_compiling_every_rank_gives():
+    for P, rpn in ((exponential(16), 2), (ring(12), 3), (complete(8), 4),
+                   (hierarchical(4, 4)[0].matrix, 4), (hierarchical(4, 4)[1].matrix, 4)):
+        fast = traffic_of_phase(P, tuple(range(P.shape[0])), 1000, rpn)
+        full = [rank_traffic(compile_plan(P, tuple(range(P.shape[0])), r), 1000) for r in range(P.shape[0])]
+        assert fast == full
+
+
+def test_step_times_blocking_and_overlapped():
+    assert step_times(0.12, 0.05, 0.01) == pytest.approx((0.18, 0.13))
+    assert step_times(0.02, 0.05, 0.01) == pytest.approx((0.08, 0.06))
+
+
+def test_steps_to_consensus():
+    assert steps_to_consensus(0.5, 1e-3) == 10  # 0.5^10 = 9.8e-4
+    assert steps_to_consensus(0.1, 1e-3) == 3
+    assert steps_to_consensus(0.0, 1e-3, period=3, period_rate=0.0) == 3
+    assert steps_to_consensus(0.3, 1e-3, period=12, period_rate=0.0) == 12
+    assert math.isinf(steps_to_consensus(1.0))
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(ConfigError, match="bandwidth_bits"):
+        Links(0)
+    with pytest.raises(ConfigError, match="allreduce"):
+        Links(GBIT, allreduce="tree")
+    with pytest.raises(ConfigError, match="eps"):
+        steps_to_consensus(0.5, 2.0)
+    with pytest.raises(ConfigError, match="ranks_per_node"):
+        cost(ring(8), 8, 3, Links(GBIT))
