@@ -63,7 +63,9 @@ numbered node by node: rank r lives on node r // ranks_per_node):
 Assumptions, beyond the formulas: all ranks start a phase at once (a
 synchronous step) and the slowest rank is the step; the phases of a rank run
 one after the other (all-reduces, then the exchange, as the engine runs them);
-concurrent all-reduces of disjoint groups do not slow each other down; TCP
+the all-reduces of one phase run at once, and those whose rings leave the
+same node add up on its NIC (e.g. one-peer exponential's pairwise hop n/2,
+compiled as 2-rank all-reduces); TCP
 reaches the shaped rate (messages much longer than the token bucket's burst);
 inter-node messages of different nodes do not meet in the network core (a
 non-blocking switch). Pure NumPy; no process is started.
@@ -229,13 +231,12 @@ def _symmetry(P: np.ndarray, placement: tuple[int, ...], candidates) -> int | No
     return None
 
 
-def traffic_of_phase(P: np.ndarray, placement, buffer_bytes: int, ranks_per_node: int = 1,
-                     cache: dict | None = None) -> list[RankTraffic]:
+def traffic_of_phase(P: np.ndarray, placement, buffer_bytes: int, cache: dict | None = None) -> list[RankTraffic]:
     """Every rank's :class:`RankTraffic` for one phase, compiling as few plans as the schedule's symmetry allows.
 
-    When P (one agent per rank) is invariant under r -> r + s, only ranks 0 .. s - 1 are compiled
-    and the others are their shifts; otherwise every rank is compiled. ``cache`` (a dict) keeps plans
-    across calls, keyed by the matrix's bytes.
+    When P (one agent per rank) is invariant under r -> r + s (s the smallest such divisor of n), only
+    ranks 0 .. s - 1 are compiled and the others are their shifts; otherwise every rank is compiled.
+    ``cache`` (a dict) keeps plans across calls, keyed by the matrix's bytes.
     """
     P = np.asarray(P, dtype=np.float64)
     placement = tuple(int(r) for r in placement)
@@ -243,7 +244,8 @@ def traffic_of_phase(P: np.ndarray, placement, buffer_bytes: int, ranks_per_node
     key = (P.shape, hash(P.tobytes()), placement)
     plans = None if cache is None else cache.get(key)
     if plans is None:
-        s = _symmetry(P, placement, (1, ranks_per_node))
+        n = P.shape[0]
+        s = _symmetry(P, placement, [d for d in range(1, n // 2 + 1) if n % d == 0 and d <= 4096])
         base = [compile_plan(P, placement, r) for r in range(s if s else world)]
         plans = (s, base)
         if cache is not None:
@@ -255,25 +257,28 @@ def traffic_of_phase(P: np.ndarray, placement, buffer_bytes: int, ranks_per_node
     return [first[r % s].shifted(r - r % s, world) if r >= s else first[r] for r in range(world)]
 
 
-def _allreduce_time(group: tuple[int, ...], nbytes: int, rpn: int, links: Links) -> float:
+def _allreduce_shape(group: tuple[int, ...], nbytes: int, rpn: int, links: Links):
+    """(NIC bytes per node, time outside the NICs) of one all-reduce over ``group`` (ring or hierarchical)."""
     p = len(group)
     nodes: dict[int, int] = {}
     for r in group:
         nodes[r // rpn] = nodes.get(r // rpn, 0) + 1
     m, c = len(nodes), max(nodes.values())
     if m == 1:
-        return ring_allreduce_time(nbytes, p, links.intra_bytes_per_s, links.op_overhead_s)
+        return {}, ring_allreduce_time(nbytes, p, links.intra_bytes_per_s, links.op_overhead_s)
     algo = links.allreduce
     if algo == "auto":
         algo = "hierarchical" if c > 1 else "ring"
     if algo == "hierarchical":
-        return hierarchical_allreduce_time(nbytes, m, c, links)
-    hops: dict[int, int] = {}
-    for a, b in zip(group, group[1:] + group[:1]):  # the ring in rank order
+        per_node = 2 * (m - 1) / m * nbytes
+        rest = (ring_allreduce_time(nbytes, c, links.intra_bytes_per_s, links.op_overhead_s)
+                + 2 * (m - 1) * (links.latency_s + links.op_overhead_s))
+        return {u: per_node for u in nodes}, rest
+    load: dict[int, float] = {}
+    for a, b in zip(group, group[1:] + group[:1]):  # the ring in rank order: each hop carries 2 (p - 1)/p x bytes
         if a // rpn != b // rpn:
-            hops[a // rpn] = hops.get(a // rpn, 0) + 1
-    return ring_allreduce_time(nbytes, p, links.inter_bytes_per_s, links.latency_s + links.op_overhead_s,
-                               max(hops.values()))
+            load[a // rpn] = load.get(a // rpn, 0.0) + 2 * (p - 1) / p * nbytes
+    return load, 2 * (p - 1) * (links.latency_s + links.op_overhead_s)
 
 
 def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: int, links: Links) -> PhaseCost:
@@ -283,6 +288,7 @@ def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: in
     egress, ingress = np.zeros(nnodes), np.zeros(nnodes)
     intra_sent, total_bytes = np.zeros(world), 0.0
     senders: list[set] = [set() for _ in range(world)]
+    B = links.inter_bytes_per_s
     for t in traffic:
         u = t.rank // rpn
         for peer, b in t.sends:
@@ -293,15 +299,18 @@ def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: in
                 senders[peer].add(u)
             else:
                 intra_sent[t.rank] += b
-    B = links.inter_bytes_per_s
     comm, combine, sent = np.zeros(world), np.zeros(world), np.zeros(world)
-    groups_done: dict[tuple[int, ...], float] = {}
+    # all-reduces of one phase run at once: groups that share a node share its NIC
+    shapes = {g: _allreduce_shape(g, buffer_bytes, rpn, links) for t in traffic for g in t.allreduces}
+    ar_load = np.zeros(nnodes)
+    for load, _ in shapes.values():
+        for u, b in load.items():
+            ar_load[u] += b
+    groups_done = {g: max((ar_load[u] for u in load), default=0.0) / B + rest for g, (load, rest) in shapes.items()}
+    total_bytes += sum(2 * (len(g) - 1) * buffer_bytes for g in shapes)
     for t in traffic:
         u = t.rank // rpn
         for g in t.allreduces:
-            if g not in groups_done:
-                groups_done[g] = _allreduce_time(g, buffer_bytes, rpn, links)
-                total_bytes += 2 * (len(g) - 1) * buffer_bytes
             comm[t.rank] += groups_done[g]
             sent[t.rank] += 2 * (len(g) - 1) * buffer_bytes // len(g)
         if t.sends or t.recvs:
@@ -377,7 +386,7 @@ def schedule_cost(schedule: Schedule, placement, buffer_bytes: int, links: Links
             z = np.zeros(world)
             costs.append(PhaseCost(z, z.copy(), z.copy(), np.zeros(world // ranks_per_node)))
             continue
-        traffic = traffic_of_phase(ph.matrix, placement, buffer_bytes, ranks_per_node, cache)
+        traffic = traffic_of_phase(ph.matrix, placement, buffer_bytes, cache)
         costs.append(phase_cost(traffic, buffer_bytes, ranks_per_node, links))
     return ScheduleCost(costs, [ph.repeat for ph in schedule.phases])
 

@@ -24,7 +24,7 @@ from lookahead_dist.costmodel import (
     usable_bandwidth,
 )
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.generators import complete, exponential, hierarchical, one_peer_exponential, ring
+from lookahead_dist.generators import complete, exponential, hierarchical, one_peer_exponential, ring, torus
 from lookahead_dist.mixing import Phase, Schedule
 from lookahead_dist.plan import compile_plan
 
@@ -156,9 +156,9 @@ def test_time_varying_schedules_average_over_the_period():
 
 
 def test_symmetry_shortcut_gives_what_compiling_every_rank_gives():
-    for P, rpn in ((exponential(16), 2), (ring(12), 3), (complete(8), 4),
-                   (hierarchical(4, 4)[0].matrix, 4), (hierarchical(4, 4)[1].matrix, 4)):
-        fast = traffic_of_phase(P, tuple(range(P.shape[0])), 1000, rpn)
+    for P in (exponential(16), ring(12), complete(8), hierarchical(4, 4)[0].matrix, hierarchical(4, 4)[1].matrix,
+              torus(3, 4)):
+        fast = traffic_of_phase(P, tuple(range(P.shape[0])), 1000)
         full = [rank_traffic(compile_plan(P, tuple(range(P.shape[0])), r), 1000) for r in range(P.shape[0])]
         assert fast == full
 
@@ -185,3 +185,14 @@ def test_bad_input_names_the_argument():
         steps_to_consensus(0.5, 2.0)
     with pytest.raises(ConfigError, match="ranks_per_node"):
         cost(ring(8), 8, 3, Links(GBIT))
+
+
+def test_concurrent_allreduces_leaving_one_node_share_its_nic():
+    # one-peer exponential's last hop on 8 ranks pairs r with r + 4: compiled as four 2-rank all-reduces;
+    # on 4 nodes of 2, node 0's ranks 0 and 1 both reduce with node 2: 2 x (2 x 1/2 x 40 MB) leave node 0
+    P = one_peer_exponential(8)[2].matrix
+    assert compile_plan(P, tuple(range(8)), 0).allreduces[0].ranks == (0, 4)
+    c = cost(P, 8, 2, Links(GBIT, **BARE))
+    assert c.comm_s == pytest.approx(2 * MB40 / B, rel=1e-12)
+    one = cost(P, 8, 1, Links(GBIT, **BARE))  # one rank per node: each NIC carries one group's ring
+    assert one.comm_s == pytest.approx(MB40 / B, rel=1e-12)
