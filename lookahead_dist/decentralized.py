@@ -23,9 +23,9 @@ from typing import Callable
 import torch
 
 from lookahead_dist.comm import Comm
-from lookahead_dist.engine import MixingEngine
+from lookahead_dist.engine import MixingEngine, exact_average_
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.flat import FlatState, flatten_tensors, without_weight
+from lookahead_dist.flat import flatten_module, without_weight
 from lookahead_dist.optim_utils import WrapperOptimizer
 
 __all__ = ["Decentralized", "run_passive"]
@@ -87,14 +87,8 @@ class Decentralized(WrapperOptimizer):
         self.push_sum = topo.push_sum
         self.model = model
         self.mix_buffers = bool(mix_buffers)
-        params = flatten_tensors(model.named_parameters(), extra=1 if self.push_sum else 0)
-        bufs = flatten_tensors(
-            (n, b) for n, b in model.named_buffers() if b is not None and b.is_floating_point()
-        ) if self.mix_buffers else []
-        self.flat = FlatState(params, bufs)
+        self.flat = flatten_module(model, buffers=self.mix_buffers, weight_slot=self.push_sum)
         buffers = self.flat.tensors()
-        if self.push_sum:
-            buffers[0][-1] = 1.0
         # The model is this rank's fast agent, or on a passive rank its first slow agent.
         self._model_agent = self.fast_agent if self.fast_agent is not None else local[0]
         for agent in local:
@@ -150,27 +144,14 @@ class Decentralized(WrapperOptimizer):
 
         The model to evaluate and export. Push-sum weights are reset to 1.
         """
-        fast = self.fast_agent
-        out = [torch.zeros_like(b) for b in self.engine.agents[self._model_agent]]
-        if fast is not None:
-            w = self.weight
-            for o, v in zip(out, self.engine.agents[fast]):
-                o.copy_(v)
-            if self.push_sum:
-                for o in without_weight(out, True):
-                    o.mul_(w)  # back to numerators
-        count = torch.tensor([1.0 if fast is not None else 0.0], dtype=torch.float64,
-                             device=self.comm.device_for_collectives())
-        ranks = list(range(self.comm.world_size))
-        for o in out:
-            self.comm.all_reduce_sum(o, ranks)
-        self.comm.all_reduce_sum(count, ranks)
-        denom = [float(out[0][-1])] * len(out) if self.push_sum else [float(count)] * len(out)
+        # A rank without a fast agent (passive) has weight 0: it adds nothing and receives the average.
+        weight = 0.0 if self.fast_agent is None else self.weight
         model_bufs = self.engine.agents[self._model_agent]
-        for o, b, d in zip(out, model_bufs, denom):
-            b.copy_(o / d)
         if self.push_sum:
+            exact_average_(model_bufs, weight, self.comm, weight_slot=True)
             model_bufs[0][-1] = 1.0
+        else:  # the weights are 1 per fast agent, one fast agent per rank at most
+            exact_average_(model_bufs, weight, self.comm, weight_sum=len(self.topology.fast_agents))
 
     def state_dict(self) -> dict:
         return {

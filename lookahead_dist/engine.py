@@ -14,6 +14,10 @@ distinct phase by :func:`lookahead_dist.plan.compile_plan`) and runs it:
 Push-sum schedules need no special path: the push-sum weight is carried as one
 trailing element of an agent's first buffer, so it is mixed by the same
 arithmetic and travels in the same message.
+
+:func:`exact_average_` is the one exact average of the workers,
+sum_r w_r x_r / sum_r w_r, that finalising a run, SlowMo's slow step and an
+evaluation model all use.
 """
 from __future__ import annotations
 
@@ -21,10 +25,76 @@ import torch
 
 from lookahead_dist.comm import Comm
 from lookahead_dist.errors import ConfigError
+from lookahead_dist.flat import without_weight
 from lookahead_dist.mixing import Schedule
 from lookahead_dist.plan import Plan, compile_plan, group_rank_sets
 
-__all__ = ["MixingEngine"]
+__all__ = ["MixingEngine", "exact_average_"]
+
+
+@torch.no_grad()
+def exact_average_(
+    buffers: list[torch.Tensor],
+    weight: float,
+    comm: Comm,
+    ranks=None,
+    *,
+    weight_slot: bool = False,
+    weight_sum: float | None = None,
+    shard_out: torch.Tensor | None = None,
+) -> float:
+    """In place: ``buffers`` <- the exact average of the workers, x_bar = sum_r w_r x_r / sum_r w_r.
+
+    Every rank of ``ranks`` (default: all) calls it with its own ``buffers``
+    (its values x_r: the model, for push-sum the de-biased z = x / w) and its
+    ``weight`` w_r: the push-sum weight, 1 for a plain worker, 0 for a rank
+    without a worker (a passive slow rank: it adds nothing and receives the
+    average). The buffers become the numerators w_r x_r (no pass when
+    w_r = 1), each is summed over the ranks by one all-reduce, and divided by
+    the sum of the weights, which travels
+
+    * with ``weight_slot``: in the trailing element of ``buffers[0]`` (the
+      flat layout's push-sum slot, :func:`lookahead_dist.flat.without_weight`),
+      set to w_r here, summed by the same all-reduce, and 1 afterwards;
+    * with ``weight_sum`` given: nowhere (the caller knows it, e.g. the world size);
+    * otherwise: in one more all-reduce, of a float64 scalar, before the buffers'.
+
+    ``shard_out``: ``buffers[0]`` (padded to a multiple of the world size) is
+    reduce-scattered instead, and ``shard_out`` receives this rank's chunk of
+    its average; ``buffers[0]`` is then scratch.
+
+    Returns the sum of the weights. The arithmetic is the same whatever the
+    caller: the product and the quotient in each buffer's own dtype, the
+    quotient by a tensor holding the summed slot (``weight_slot``) or by the
+    Python float sum.
+    """
+    assert not (weight_slot and shard_out is not None), "the weight slot is not sharded"
+    ranks = list(range(comm.world_size)) if ranks is None else list(ranks)
+    weight = float(weight)
+    if weight != 1.0:
+        for v in without_weight(buffers, weight_slot):
+            v.mul_(weight)
+    if weight_slot:
+        buffers[0][-1] = weight
+    elif weight_sum is None:
+        total = torch.tensor([weight], dtype=torch.float64, device=comm.device_for_collectives())
+        comm.all_reduce_sum(total, ranks)
+        weight_sum = float(total)
+    sums = list(buffers)
+    for i, b in enumerate(buffers):
+        if i == 0 and shard_out is not None:
+            comm.reduce_scatter_sum(shard_out, b)
+            sums[0] = shard_out
+        else:
+            comm.all_reduce_sum(b, ranks)
+    if weight_slot:
+        denom = buffers[0][-1].clone()  # a 0-dim tensor: each buffer divides in its own dtype
+        weight_sum = float(denom)
+    else:
+        denom = float(weight_sum)
+    for b in sums:
+        b.div_(denom)
+    return float(weight_sum)
 
 
 class MixingEngine:

@@ -5,6 +5,10 @@ flat buffer (one per (dtype, device) group), so a mixing step can send, receive
 and combine the whole model as a single tensor: no per-tensor messages and no
 pack/unpack copies. Optimizers built on ``module.parameters()`` afterwards (or
 before: the Parameter objects are kept, only their storage moves) keep working.
+
+A push-sum agent carries its weight w as one trailing element of its first
+buffer (``flatten_module(..., weight_slot=True)``), so the weight travels and
+mixes with the parameters; :func:`without_weight` gives the views without it.
 """
 from __future__ import annotations
 
@@ -47,6 +51,11 @@ class FlatState:
 
     params: list[FlatGroup]
     buffers: list[FlatGroup]
+    weight_slot: bool = False
+
+    def values(self) -> list[torch.Tensor]:
+        """The flat buffers as views without the push-sum weight slot (the model's values)."""
+        return without_weight(self.tensors(), self.weight_slot)
 
     def groups(self, include_buffers: bool = True) -> list[FlatGroup]:
         return self.params + (self.buffers if include_buffers else [])
@@ -115,14 +124,19 @@ def flatten_tensors(named: Iterable[tuple[str, torch.Tensor]], extra: int = 0) -
     return groups
 
 
-def flatten_module(module: torch.nn.Module) -> FlatState:
+def flatten_module(module: torch.nn.Module, *, buffers: bool = True, weight_slot: bool = False) -> FlatState:
     """Re-home ``module``'s parameters (and floating-point buffers) into flat buffers.
 
-    Integer buffers (BatchNorm's ``num_batches_tracked``) are left alone: they
-    are counters, not something to average.
+    ``buffers=False`` leaves the module's buffers where they are (kept local,
+    not mixed). Integer buffers (BatchNorm's ``num_batches_tracked``) are always
+    left alone: they are counters, not something to average. ``weight_slot``
+    appends one element, set to 1 (every push-sum weight starts at 1), to the
+    first parameter buffer.
     """
-    params = flatten_tensors(module.named_parameters())
+    params = flatten_tensors(module.named_parameters(), extra=1 if weight_slot else 0)
     bufs = flatten_tensors(
         (name, b) for name, b in module.named_buffers() if b is not None and b.is_floating_point()
-    )
-    return FlatState(params, bufs)
+    ) if buffers else []
+    if weight_slot:
+        params[0].buffer[-1] = 1.0
+    return FlatState(params, bufs, weight_slot)

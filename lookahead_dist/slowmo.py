@@ -37,8 +37,9 @@ import torch
 
 from lookahead_dist.comm import Comm
 from lookahead_dist.decentralized import Decentralized
+from lookahead_dist.engine import exact_average_
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.flat import FlatState, flatten_tensors, without_weight
+from lookahead_dist.flat import flatten_module
 from lookahead_dist.optim_utils import WrapperOptimizer
 from lookahead_dist.validation import (
     OPTIMIZER_STATE_POLICIES,
@@ -137,11 +138,7 @@ class SlowMo(WrapperOptimizer):
             self.push_sum = self.base.push_sum
         else:
             self.base = None
-            params = flatten_tensors(model.named_parameters())
-            bufs = flatten_tensors(
-                (n, b) for n, b in model.named_buffers() if b is not None and b.is_floating_point()
-            ) if mix_buffers else []
-            self.flat = FlatState(params, bufs)
+            self.flat = flatten_module(model, buffers=mix_buffers)
             self.push_sum = False
         lrs = self.comm.all_gather_object([g["lr"] for g in optimizer.param_groups])
         if any(lr != lrs[0] for lr in lrs):
@@ -162,7 +159,7 @@ class SlowMo(WrapperOptimizer):
     # -- layout -----------------------------------------------------------------
     def _values(self) -> list[torch.Tensor]:
         """This worker's flat model state, without the push-sum weight slot."""
-        return without_weight(self.flat.tensors(), self.push_sum)
+        return self.flat.values()
 
     def _padded(self, v: torch.Tensor) -> torch.Tensor:
         pad = torch.zeros(self._chunk * self.comm.world_size, dtype=v.dtype, device=v.device)
@@ -198,23 +195,12 @@ class SlowMo(WrapperOptimizer):
             self._slow_step()
         return loss
 
-    def _push_sum_weight(self) -> tuple[float, float]:
-        """(this worker's weight, the sum of the workers' weights); (1, W) without push-sum."""
-        if not self.push_sum:
-            return 1.0, float(self.comm.world_size)
-        w = float(self.flat.params[0].buffer[-1])
-        wsum = torch.tensor([w], dtype=torch.float64, device=self.comm.device_for_collectives())
-        self.comm.all_reduce_sum(wsum, list(range(self.comm.world_size)))
-        return w, float(wsum)
-
     def _slow_step(self) -> None:
         """x_bar, then the slow-momentum rule, then every worker <- z; the model's own buffers are the scratch."""
         values = self._values()
-        w, denom = self._push_sum_weight()
-        if self.push_sum:
-            for v in values:
-                v.mul_(w)  # numerators, summed below
-        ranks = list(range(self.comm.world_size))
+        # x_bar: push-sum weights sum in one float64 all-reduce (the slot is not sharded); else the sum is W.
+        weight = float(self.flat.params[0].buffer[-1]) if self.push_sum else 1.0
+        weight_sum = None if self.push_sum else self.comm.world_size
         if self.shard:
             # reduce-scatter the first group, update this rank's chunk, all-gather it back.
             if self._pad is None:
@@ -222,15 +208,12 @@ class SlowMo(WrapperOptimizer):
                                         device=values[0].device)
                 self._mine = torch.empty_like(self.slow[0])
             self._pad[: values[0].numel()].copy_(values[0])
-            self.comm.reduce_scatter_sum(self._mine, self._pad)
+            exact_average_([self._pad] + values[1:], weight, self.comm, weight_sum=weight_sum, shard_out=self._mine)
             x_bar = [self._mine] + values[1:]
         else:
+            exact_average_(values, weight, self.comm, weight_sum=weight_sum)
             x_bar = values
         p = self.comm.world_size
-        for i, xb in enumerate(x_bar):
-            if not (self.shard and i == 0):
-                self.comm.all_reduce_sum(xb, ranks)
-            xb.div_(denom)
         # a ring all-reduce, or reduce-scatter + all-gather, sends 2 (p - 1) / p of each buffer
         self._slow_bytes += sum(2 * (p - 1) * v.numel() * v.element_size() // p for v in values)
         slow_momentum_update(self.slow, self.momentum, x_bar, alpha=self.alpha, beta=self.beta, gamma=self.gamma)
@@ -250,12 +233,10 @@ class SlowMo(WrapperOptimizer):
         if self.optimizer_state == "reset":
             self.optimizer.state.clear()
             return
-        ranks = list(range(self.comm.world_size))
         for p in [p for g in self.optimizer.param_groups for p in g["params"]]:
-            for key, t in self.optimizer.state.get(p, {}).items():
+            for t in self.optimizer.state.get(p, {}).values():
                 if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0:
-                    self.comm.all_reduce_sum(t, ranks)
-                    t.div_(self.comm.world_size)
+                    exact_average_([t], 1.0, self.comm, weight_sum=self.comm.world_size)
 
     # -- checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -298,10 +279,7 @@ class SlowMo(WrapperOptimizer):
         if self.base is not None:
             self.base.finalize()  # push-sum aware: sum of numerators / sum of weights
             return
-        ranks = list(range(self.comm.world_size))
-        for v in self._values():
-            self.comm.all_reduce_sum(v, ranks)
-            v.div_(self.comm.world_size)
+        exact_average_(self._values(), 1.0, self.comm, weight_sum=self.comm.world_size)
 
     @property
     def bytes_sent(self) -> int:

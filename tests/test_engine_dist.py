@@ -201,3 +201,16 @@ def test_model_buffers_are_mixed_by_default_or_kept_local():
         assert torch.allclose(mean, torch.full((4,), 1.5)) and torch.allclose(var, torch.full((4,), 2.5))
         mean, var, _ = res[False]
         assert torch.equal(mean, torch.full((4,), float(rank))) and torch.equal(var, torch.full((4,), 1.0 + rank))
+
+
+def test_exact_average_is_the_weighted_mean_and_bitwise_the_evaluation_models_formula():
+    results = spawn(workers.exact_averages, 4)
+    weights = torch.tensor([r["weight"] for r in results], dtype=torch.float64)
+    expected = sum(r["weight"] * r["mine"] for r in results) / weights.sum()
+    for r in results:
+        assert torch.equal(r["slot"], r["classic"])  # the trainer's formula, bit for bit
+        assert r["slot_weight"] == 1.0
+        assert rel_err(r["split"], expected) <= 1e-14 and rel_err(r["classic"], expected) <= 1e-14
+        assert rel_err(r["f32"].double(), expected) <= 1e-6
+        assert r["wsum"][0] == r["wsum"][2] and abs(r["wsum"][1] - float(weights.sum())) <= 1e-15
+        assert torch.equal(r["split"], results[0]["split"])  # every rank holds the same average

@@ -30,7 +30,7 @@ import yaml
 from lookahead_dist.comm import Comm
 from lookahead_dist.engine import MixingEngine
 from lookahead_dist.errors import TopologyError
-from lookahead_dist.flat import flatten_tensors
+from lookahead_dist.flat import flatten_module
 from lookahead_dist.reference.problems import tiny_regression
 from lookahead_dist.reference.simulate import Reference
 from lookahead_dist.topology import Topology, from_mapping, load
@@ -94,12 +94,10 @@ def run_all_on_one_rank(name: str, device: torch.device, steps: int = STEPS) -> 
         models, opts, values = {}, {}, {}
         for a in range(topo.n):
             model = copy.deepcopy(prob.module).to(device)
-            bufs = [g.buffer for g in flatten_tensors(model.named_parameters(), extra=1 if topo.push_sum else 0)]
-            if topo.push_sum:
-                bufs[0][-1] = 1.0
-            engine.add_agent(a, bufs)
+            flat = flatten_module(model, weight_slot=topo.push_sum)
+            engine.add_agent(a, flat.tensors())
             models[a] = model
-            values[a] = [bufs[0][:-1]] + bufs[1:] if topo.push_sum else bufs
+            values[a] = flat.values()
             if topo.roles[a] == "fast":
                 opts[a] = sgd(model.parameters())
         for bufs in engine.agents.values():

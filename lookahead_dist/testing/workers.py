@@ -191,3 +191,31 @@ def batchnorm_buffers(rank, world):
                     int(model[1].num_batches_tracked))
     comm.close()
     return out
+
+
+def exact_averages(rank, world):
+    """exact_average_ on this rank's values with a push-sum-like weight (0 on the last rank), three ways.
+
+    Returns the average computed as the trainer's evaluation model always has (one float64 buffer: the
+    numerators w x with w appended, one all-reduce, then total[:-1] / total[-1]), and through
+    exact_average_ with the weight in a slot, with a separate weight all-reduce, and from float32 buffers.
+    """
+    from lookahead_dist.comm import Comm
+    from lookahead_dist.engine import exact_average_
+
+    comm = Comm(heartbeat=0)
+    g = torch.Generator().manual_seed(100 + rank)
+    mine = torch.randn(1001, generator=g, dtype=torch.float64) * (rank + 1)
+    weight = 0.0 if rank == world - 1 else 0.3 + 0.17 * rank
+    total = torch.cat([mine * weight, torch.tensor([weight], dtype=torch.float64)])
+    comm.all_reduce_sum(total, list(range(world)))
+    classic = total[:-1] / total[-1]
+    slot = torch.cat([mine, mine.new_tensor([weight])])
+    wsum_slot = exact_average_([slot], weight, comm, weight_slot=True)
+    split = [mine[:600].clone(), mine[600:].clone()]
+    wsum_split = exact_average_(split, weight, comm)
+    f32 = [mine.float()]
+    exact_average_(f32, weight, comm)
+    comm.close()
+    return {"classic": classic, "slot": slot[:-1].clone(), "slot_weight": float(slot[-1]), "split": torch.cat(split),
+            "wsum": (wsum_slot, wsum_split, float(total[-1])), "f32": f32[0], "mine": mine, "weight": weight}
