@@ -13,10 +13,10 @@ Everything here is float64 NumPy; nothing touches torch.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import networkx as nx
 import numpy as np
 
 from lookahead_dist.errors import MixingError
@@ -31,12 +31,14 @@ __all__ = [
     "as_matrix",
     "check_column_stochastic",
     "check_row_stochastic",
+    "components",
     "consensus_rate",
     "invariant_vector",
     "is_column_stochastic",
     "is_row_stochastic",
     "lookahead_matrix",
     "lookahead_schedule",
+    "weight_problem",
 ]
 
 
@@ -71,15 +73,20 @@ def as_matrix(P, name: str = "P") -> np.ndarray:
     return M
 
 
+def weight_problem(x: float):
+    """Why ``x`` cannot be a mixing weight (an entry of P, an edge weight), or None when it can."""
+    if not math.isfinite(x):
+        return "NaN/inf weights are not allowed"
+    if x < 0:
+        return "weights must be >= 0"
+    return None
+
+
 def _check_entries(M: np.ndarray, name: str) -> None:
-    bad = np.argwhere(~np.isfinite(M))
+    bad = np.argwhere(~np.isfinite(M) | (M < 0))
     if bad.size:
         i, j = (int(v) for v in bad[0])
-        raise MixingError(f"{name}: entry [{i}, {j}] is {M[i, j]} (NaN/inf weights are not allowed)")
-    neg = np.argwhere(M < 0)
-    if neg.size:
-        i, j = (int(v) for v in neg[0])
-        raise MixingError(f"{name}: entry [{i}, {j}] is negative ({float(M[i, j])!r}); weights must be >= 0")
+        raise MixingError(f"{name}: entry [{i}, {j}] is {float(M[i, j])!r}: {weight_problem(float(M[i, j]))}")
 
 
 _SUM_RULES = {
@@ -173,6 +180,33 @@ def _eig_one(M: np.ndarray) -> tuple[np.ndarray, int]:
     return a, mult
 
 
+def components(P) -> list[list[int]]:
+    """Connected components of the graph i ~ j iff P[i, j] != 0 (i != j), each sorted, in order of their smallest agent.
+
+    The direction of an edge is ignored (union-find over the non-zero off-diagonal entries).
+    """
+    P = np.asarray(P)
+    n = P.shape[0]
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    rows, cols = np.nonzero(P)
+    for i, j in zip(rows.tolist(), cols.tolist()):
+        if i != j:
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    return [groups[r] for r in sorted(groups)]
+
+
 def _is_doubly_stochastic(M: np.ndarray, tol: float) -> bool:
     return bool(np.all(np.abs(M.sum(axis=0) - 1) <= tol) and np.all(np.abs(M.sum(axis=1) - 1) <= tol))
 
@@ -197,7 +231,7 @@ def invariant_vector(matrices, tol: float = 1e-9) -> np.ndarray:
     if all(_is_doubly_stochastic(m, tol) for m in mats):
         a = np.full(n, 1.0 / n)
         # For doubly stochastic matrices the invariant vector is unique iff the union graph is connected.
-        groups = nx.number_connected_components(nx.from_numpy_array(sum(np.abs(m) for m in mats)))
+        groups = len(components(sum(np.abs(m) for m in mats)))
         if groups > 1:
             raise MixingError(
                 f"the invariant vector is not unique: the agents split into {groups} groups that never "

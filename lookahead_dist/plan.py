@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lookahead_dist.mixing import components  # one union-find for every caller; re-exported here
+
 __all__ = ["AllReduce", "Exchange", "LocalCombine", "Plan", "compile_plan", "components", "group_rank_sets"]
 
 Weights = tuple[tuple[int, float], ...]  # ((source agent, weight), ...)
@@ -86,29 +88,6 @@ class Plan:
             p = len(ar.ranks)
             total += (2 * (p - 1) * buffer_bytes) // p
         return total
-
-
-def components(P: np.ndarray) -> list[list[int]]:
-    """Connected components of the graph i ~ j iff P[i, j] != 0 (i != j), each sorted, in order of their smallest agent."""
-    n = P.shape[0]
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    rows, cols = np.nonzero(P)
-    for i, j in zip(rows.tolist(), cols.tolist()):
-        if i != j:
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
-    return [groups[r] for r in sorted(groups)]
 
 
 def _column_weights(P: np.ndarray, j: int) -> Weights:

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +83,7 @@ from lookahead_dist.mixing import (
     check_row_stochastic,
     consensus_rate,
     invariant_vector,
+    weight_problem,
 )
 
 __all__ = ["Topology", "builtin", "from_mapping", "load", "main", "plot", "report"]
@@ -176,10 +176,9 @@ def _join(path: str, key: str) -> str:
 def _number(ctx: _Ctx, x, path: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise ctx.err(path, "a weight must be a number", x)
-    if not math.isfinite(x):
-        raise ctx.err(path, "NaN/inf weights are not allowed", x)
-    if x < 0:
-        raise ctx.err(path, "weights must be >= 0", x)
+    problem = weight_problem(x)  # the rule of mixing's matrix checks, named here by key path
+    if problem:
+        raise ctx.err(path, problem, x)
     return float(x)
 
 

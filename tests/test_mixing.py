@@ -68,7 +68,7 @@ def test_inf_entry():
 
 
 def test_negative_entry_names_its_index():
-    with pytest.raises(MixingError, match=r"entry \[1, 0\] is negative \(-0\.5\)"):
+    with pytest.raises(MixingError, match=r"entry \[1, 0\] is -0\.5: weights must be >= 0"):
         check_column_stochastic([[1.5, 0.5], [-0.5, 0.5]])
 
 
