@@ -49,6 +49,12 @@ __all__ = [
 
 REQUIRED = object()  # marks a parameter without default
 
+#: The most agents a topology may have. Every matrix is a dense float64 n x n array (32 MiB at 2048), and
+#: loading a topology checks its schedule with O(n^3) products and eigenvalues: a 2048-agent exponential
+#: graph takes about 40 s on 2 CPU cores, and each doubling costs eight times as much. A larger size is
+#: refused up front, naming this limit, instead of appearing to hang (10^9 agents would need 7 EiB).
+MAX_AGENTS = 2048
+
 
 def _error(gen: str, key: Optional[str], value, rule: str) -> TopologyError:
     """A TopologyError that remembers which parameter (``key``) was bad, for key paths."""
@@ -71,7 +77,15 @@ def _int(gen: str, key: str, value, low: int = 1) -> int:
 
 
 def _n(gen: str, n) -> int:
-    return _int(gen, "n", n, 1)
+    return _agents(gen, "n", n, _int(gen, "n", n, 1))
+
+
+def _agents(gen: str, key: str, value, size: int) -> int:
+    """``size`` agents, refused above :data:`MAX_AGENTS` before anything of that size is built."""
+    if size > MAX_AGENTS:
+        raise _error(gen, key, value, f"{size} agents exceed the limit MAX_AGENTS = {MAX_AGENTS} "
+                     "(dense n x n matrices and O(n^3) checks)")
+    return size
 
 
 # -- undirected: Metropolis-Hastings ----------------------------------------------
@@ -131,6 +145,7 @@ def torus(rows: int, cols: int) -> np.ndarray:
     for key, side in (("rows", rows), ("cols", cols)):
         if side < 3:
             raise _error("torus", key, side, f"a torus needs both sides >= 3 ({shape})")
+    _agents("torus", "rows", rows, rows * cols)
     G = nx.grid_2d_graph(rows, cols, periodic=True)
     G = nx.relabel_nodes(G, {(r, c): r * cols + c for r, c in G.nodes()})
     return metropolis_hastings(G)
@@ -255,6 +270,7 @@ def hierarchical(nodes: int, per_node: int, inter: str = "ring") -> list[Phase]:
     """
     nodes = _int("hierarchical", "nodes", nodes, 1)
     per_node = _int("hierarchical", "per_node", per_node, 1)
+    _agents("hierarchical", "nodes", nodes, nodes * per_node)
     if inter not in STATIC_INTER:
         raise _error("hierarchical", "inter", inter, f"must be one of {list(STATIC_INTER)}")
     try:
@@ -279,6 +295,7 @@ def edge_matrix(n: int, edges, push_sum: bool = False, undirected: bool = False)
     P[i, j] = w and P[i, i] = 1 - sum_{j != i} P[i, j] (rows sum to 1; without
     weights 1/(out_degree(i) + 1) each). ``undirected``: every edge also goes j -> i.
     """
+    _agents("edges", "n", n, n)
     edges = [tuple(e) for e in edges]
     if undirected:
         edges += [(e[1], e[0]) + e[2:] for e in edges if e[0] != e[1]]
