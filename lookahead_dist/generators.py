@@ -55,6 +55,10 @@ REQUIRED = object()  # marks a parameter without default
 #: refused up front, naming this limit, instead of appearing to hang (10^9 agents would need 7 EiB).
 MAX_AGENTS = 2048
 
+#: The longest schedule period (sum of the phases' repeats), in steps. 10^9 steps is far beyond any
+#: training run, and the bound keeps step arithmetic (k mod period, the phases' start steps) in int64.
+MAX_PERIOD = 10**9
+
 
 def _error(gen: str, key: Optional[str], value, rule: str) -> TopologyError:
     """A TopologyError that remembers which parameter (``key``) was bad, for key paths."""
@@ -248,6 +252,8 @@ def two_agent(alpha: float = 0.5, tau: int = 5) -> list[Phase]:
     """
     alpha = _checked("two_agent", "alpha", check_mixing_alpha, alpha)
     tau = _int("two_agent", "tau", tau, 1)
+    if tau > MAX_PERIOD:
+        raise _error("two_agent", "tau", tau, f"exceeds the longest period MAX_PERIOD = {MAX_PERIOD} steps")
     try:
         return list(lookahead_schedule(float(alpha), tau).phases)
     except MixingError as exc:  # pragma: no cover - arguments are checked above
