@@ -351,7 +351,11 @@ class Param:
         if self.kind is int:
             return _int(gen, self.name, value, 1)
         if self.kind is float:
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            try:  # float() first: math.isfinite(10**400) raises OverflowError
+                finite = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
+            except OverflowError:
+                finite = False
+            if not finite:
                 raise _error(gen, self.name, value, "must be a finite number")
             return float(value)
         if not isinstance(value, str):
