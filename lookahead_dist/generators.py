@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -59,10 +60,19 @@ MAX_AGENTS = 2048
 #: training run, and the bound keeps step arithmetic (k mod period, the phases' start steps) in int64.
 MAX_PERIOD = 10**9
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 3, 10, 10, 6
+_SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 60, 40, 60
+
+
+def short_repr(value) -> str:
+    """repr(value) cut to about a line: error messages quote bad input, which may be huge or deeply nested."""
+    return _SHORT.repr(value)
+
 
 def _error(gen: str, key: Optional[str], value, rule: str) -> TopologyError:
     """A TopologyError that remembers which parameter (``key``) was bad, for key paths."""
-    where = gen if not key else f"{gen}: {key}" if value is None else f"{gen}: {key} = {value!r}"
+    where = gen if not key else f"{gen}: {key}" if value is None else f"{gen}: {key} = {short_repr(value)}"
     err = TopologyError(f"{where}: {rule}")
     err.key, err.value, err.rule = key, value, rule
     return err
@@ -77,6 +87,8 @@ def _checked(gen: str, key: str, check, value, **kwargs):
 
 
 def _int(gen: str, key: str, value, low: int = 1) -> int:
+    if not isinstance(value, numbers.Integral):  # refused here, in few words: the shared check quotes all of it
+        raise _error(gen, key, value, f"must be an integer >= {low}")
     return _checked(gen, key, check_int, value, low=low)
 
 
