@@ -74,7 +74,7 @@ import numpy as np
 import yaml
 
 from lookahead_dist.errors import MixingError, TopologyError
-from lookahead_dist.generators import GENERATORS, edge_matrix, generator_names
+from lookahead_dist.generators import GENERATORS, MAX_AGENTS, edge_matrix, generator_names
 from lookahead_dist.mixing import (
     DEFAULT_TOL,
     Phase,
@@ -186,6 +186,8 @@ def _matrix(ctx: _Ctx, value, path: str) -> np.ndarray:
     if not isinstance(value, list) or not value:
         raise ctx.err(path, "must be a non-empty list of rows", value)
     n = len(value)
+    if n > MAX_AGENTS:
+        raise ctx.err(path, f"{n} rows: more agents than the limit MAX_AGENTS = {MAX_AGENTS}")
     for i, row in enumerate(value):
         p = f"{path}[{i}]"
         if not isinstance(row, list):
@@ -207,6 +209,8 @@ def _edges(ctx: _Ctx, spec: dict, path: str, n: Optional[int], why: str, push_su
         raise ctx.err(epath, "must be a list of edges [src, dst] / [src, dst, weight] / {from, to, weight}", raw)
     if "nodes" in spec:
         nodes = ctx.as_int(spec["nodes"], _join(path, "nodes"))
+        if nodes > MAX_AGENTS:
+            raise ctx.err(_join(path, "nodes"), f"more agents than the limit MAX_AGENTS = {MAX_AGENTS}", nodes)
         if n is not None and nodes != n:
             raise ctx.err(_join(path, "nodes"), f"does not match the {n} agents ({why})", nodes)
         n = nodes
@@ -225,6 +229,9 @@ def _edges(ctx: _Ctx, spec: dict, path: str, n: Optional[int], why: str, push_su
         else:
             raise ctx.err(p, "an edge is [src, dst], [src, dst, weight] or {from, to, weight}", e)
         ij = [ctx.as_int(v, vp, 0) for v, vp in ends]
+        for v, vp in ends:
+            if v >= MAX_AGENTS:
+                raise ctx.err(vp, f"node index beyond the limit of MAX_AGENTS = {MAX_AGENTS} agents", v)
         if w is not None:
             w = _number(ctx, w, wp)
         if edges and (w is None) != (edges[0][2] is None):
@@ -369,6 +376,8 @@ def _placement(ctx: _Ctx, raw, n: int, world_size: Optional[int], n_path: str) -
         ctx.as_int(r, f"placement[{i}]", 0)
         if world_size is not None and r >= world_size:
             raise ctx.err(f"placement[{i}]", f"rank out of range 0 .. {world_size - 1} (world size {world_size})", r)
+        if r >= n:  # every rank hosts an agent, so n agents fill at most ranks 0 .. n - 1
+            raise ctx.err(f"placement[{i}]", f"rank out of range 0 .. {n - 1}: {n} agents leave a rank empty", r)
     W = max(raw) + 1
     empty = sorted(set(range(W)) - set(raw))
     if empty:
@@ -394,15 +403,17 @@ def from_mapping(mapping: dict, source: str = "<mapping>", world_size: Optional[
     push_sum = ctx.as_bool(mapping.get("push_sum", False), "push_sum")
     allow = ctx.as_bool(mapping.get("allow_no_consensus", False), "allow_no_consensus")
     description = ctx.as_str(mapping.get("description", ""), "description")
-    n, why = None, ""
+    n, why, n_key = None, "", ""
     if "agents" in mapping:
-        n, why = ctx.as_int(mapping["agents"], "agents"), f"agents: {mapping['agents']}"
+        n, why, n_key = ctx.as_int(mapping["agents"], "agents"), f"agents: {mapping['agents']}", "agents"
     elif isinstance(mapping.get("placement"), list):
-        n, why = len(mapping["placement"]), "the length of placement"
+        n, why, n_key = len(mapping["placement"]), "the length of placement", "placement"
     elif isinstance(mapping.get("roles"), list):
-        n, why = len(mapping["roles"]), "the length of roles"
+        n, why, n_key = len(mapping["roles"]), "the length of roles", "roles"
     elif world_size is not None and "placement" not in mapping:
-        n, why = world_size, f"world size {world_size}"
+        n, why, n_key = world_size, f"world size {world_size}", "world_size"
+    if n is not None and n > MAX_AGENTS:
+        raise ctx.err(n_key, f"{n} agents ({why}) exceed the limit MAX_AGENTS = {MAX_AGENTS}")
     if sources[0] == "schedule":
         for k in ("nodes", "undirected"):
             if k in mapping:
