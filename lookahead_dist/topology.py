@@ -74,7 +74,7 @@ import numpy as np
 import yaml
 
 from lookahead_dist.errors import MixingError, TopologyError
-from lookahead_dist.generators import GENERATORS, MAX_AGENTS, edge_matrix, generator_names
+from lookahead_dist.generators import GENERATORS, MAX_AGENTS, MAX_PERIOD, edge_matrix, generator_names
 from lookahead_dist.mixing import (
     DEFAULT_TOL,
     Phase,
@@ -89,6 +89,11 @@ from lookahead_dist.mixing import (
 __all__ = ["Topology", "builtin", "from_mapping", "load", "main", "plot", "report"]
 
 NO_CONSENSUS_TOL = 1e-9
+#: The most phases a schedule may list, after a multi-phase generator's ``repeat`` copies are expanded.
+#: Loading multiplies one n x n matrix per phase (the period product); hand-written schedules have a few
+#: phases, one_peer_exponential log2(n), so 4096 is generous and still keeps a file like
+#: ``{generator: two_agent, repeat: 1000000000}`` from building a billion phases.
+MAX_PHASES = 4096
 _TOP_KEYS = ("name", "description", "agents", "generator", "matrix", "nodes", "edges", "undirected",
              "schedule", "push_sum", "allow_no_consensus", "roles", "placement")
 _PHASE_KEYS = ("generator", "matrix", "edges", "nodes", "undirected", "repeat", "name")
@@ -313,20 +318,31 @@ def _schedule(ctx: _Ctx, raw, n: Optional[int], why: str, push_sum: bool):
         raise ctx.err("schedule", "must be a list of phases", raw)
     if not raw:
         raise ctx.err("schedule", "empty schedule: give at least one phase", raw)
-    phases, roles = [], None
+    if len(raw) > MAX_PHASES:
+        raise ctx.err("schedule", f"{len(raw)} phases exceed the limit MAX_PHASES = {MAX_PHASES}")
+    phases, roles, period = [], None, 0
     for k, entry in enumerate(raw):
         p = f"schedule[{k}]"
         if not isinstance(entry, dict):
             raise ctx.err(p, "a phase must be a mapping with one of generator, matrix, edges", entry)
         ctx.keys(entry, _PHASE_KEYS, p)
         repeat = ctx.as_int(entry.get("repeat", 1), _join(p, "repeat"))
+        if repeat > MAX_PERIOD:
+            raise ctx.err(_join(p, "repeat"), f"exceeds the longest period MAX_PERIOD = {MAX_PERIOD} steps", repeat)
         name = ctx.as_str(entry.get("name", ""), _join(p, "name"))
         sub, sub_roles = _source(ctx, entry, p, n, why, push_sum)
         if n is None:
             n, why = sub[0].matrix.shape[0], "schedule[0]"
         roles = roles or sub_roles
+        period += repeat * sum(ph.repeat for ph in sub)
+        if period > MAX_PERIOD:
+            raise ctx.err(_join(p, "repeat"), f"the period reaches {period} steps, beyond the longest period "
+                                              f"MAX_PERIOD = {MAX_PERIOD}", repeat)
         if len(sub) == 1:
             phases.append(Phase(sub[0].matrix, sub[0].repeat * repeat, name or sub[0].name))
+        elif len(phases) + len(sub) * repeat > MAX_PHASES:
+            raise ctx.err(_join(p, "repeat"), f"{repeat} copies of {len(sub)} phases exceed the limit "
+                                              f"MAX_PHASES = {MAX_PHASES}", repeat)
         else:
             phases.extend(sub * repeat)
     return phases, roles
