@@ -75,7 +75,11 @@ def as_matrix(P, name: str = "P") -> np.ndarray:
 
 def weight_problem(x: float):
     """Why ``x`` cannot be a mixing weight (an entry of P, an edge weight), or None when it can."""
-    if not math.isfinite(x):
+    try:
+        finite = math.isfinite(x)
+    except OverflowError:  # an integer beyond float64, e.g. 10**400 from YAML
+        return "the weight is beyond the float64 range"
+    if not finite:
         return "NaN/inf weights are not allowed"
     if x < 0:
         return "weights must be >= 0"
