@@ -74,7 +74,7 @@ import numpy as np
 import yaml
 
 from lookahead_dist.errors import MixingError, TopologyError
-from lookahead_dist.generators import GENERATORS, MAX_AGENTS, MAX_PERIOD, edge_matrix, generator_names
+from lookahead_dist.generators import GENERATORS, MAX_AGENTS, MAX_PERIOD, edge_matrix, generator_names, short_repr
 from lookahead_dist.mixing import (
     DEFAULT_TOL,
     Phase,
@@ -150,7 +150,7 @@ class _Ctx:
         self.source = source
 
     def err(self, path: str, rule: str, value=_NOVALUE) -> TopologyError:
-        got = "" if value is _NOVALUE else f" (got {value!r})"
+        got = "" if value is _NOVALUE else f" (got {short_repr(value)})"
         return TopologyError(f"{self.source}: {path or '(top level)'}: {rule}{got}")
 
     def keys(self, mapping: dict, allowed, path: str) -> None:
