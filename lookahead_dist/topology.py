@@ -491,8 +491,14 @@ def load(path_or_mapping, world_size: Optional[int] = None) -> Topology:
         text = path.read_text()
     except OSError as exc:
         raise TopologyError(f"{path}: cannot read the topology file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise TopologyError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     try:
         data = yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise TopologyError(f"{path}: malformed YAML: nested too deeply") from None
+    except ValueError as exc:  # a scalar YAML cannot convert, e.g. an integer of more than 4300 digits
+        raise TopologyError(f"{path}: malformed YAML: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}: line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
