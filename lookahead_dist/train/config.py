@@ -205,7 +205,11 @@ def _coerce(value, tp, where: str, path: str, shown=None):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float64 (e.g. 400 digits)
+            raise bad from None
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad
