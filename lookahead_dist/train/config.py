@@ -209,6 +209,8 @@ def _coerce(value, tp, where: str, path: str, shown=None):
             number = float(value)
         except OverflowError:  # an integer beyond float64 (e.g. 400 digits)
             raise bad from None
+        if not math.isfinite(number):  # inf epochs or timeout_s would fail only later, inside the trainer
+            raise ConfigError(f"{where}: {path}: expected a finite number, got {value!r}")
         return number
     if tp is str:
         if not isinstance(value, str):
