@@ -402,7 +402,13 @@ def load_config(path=None, overrides: Sequence[str] = ()) -> Config:
             data = yaml.safe_load(p.read_text())
         except OSError as exc:
             raise ConfigError(f"{p}: cannot read the config file ({exc.strerror or exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
         except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: malformed YAML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: malformed YAML: nested too deeply") from None
+        except ValueError as exc:  # a scalar YAML cannot convert, e.g. an integer of more than 4300 digits
             raise ConfigError(f"{p}: malformed YAML: {exc}") from None
         _fill(cfg, data or {}, str(p), "", cfg.deprecations)
         sources.append(str(p))
