@@ -261,7 +261,7 @@ def _parse_override(text: str, tp):
         return text
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError, ValueError):  # nested too deeply; an integer of over 4300 digits
         return text  # reported as the wrong type by _coerce
     if base is float and isinstance(value, str):
         try:
