@@ -55,6 +55,7 @@ import yaml
 
 from lookahead_dist import validation as check
 from lookahead_dist.errors import ConfigError
+from lookahead_dist.generators import short_repr
 
 __all__ = [
     "AlgorithmConfig",
@@ -188,7 +189,7 @@ def _coerce(value, tp, where: str, path: str, shown=None):
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
         return _coerce(value, inner, where, path, shown=tp)
-    bad = ConfigError(f"{where}: {path}: expected {_type_name(shown or tp)}, got {value!r}")
+    bad = ConfigError(f"{where}: {path}: expected {_type_name(shown or tp)}, got {short_repr(value)}")
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise bad
@@ -210,7 +211,7 @@ def _coerce(value, tp, where: str, path: str, shown=None):
         except OverflowError:  # an integer beyond float64 (e.g. 400 digits)
             raise bad from None
         if not math.isfinite(number):  # inf epochs or timeout_s would fail only later, inside the trainer
-            raise ConfigError(f"{where}: {path}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: {path}: expected a finite number, got {short_repr(value)}")
         return number
     if tp is str:
         if not isinstance(value, str):
@@ -230,7 +231,7 @@ def _deprecated(notes: Optional[list], where: str, old: str, new: str) -> None:
 def _fill(obj, mapping, where: str, prefix: str, notes: Optional[list] = None) -> None:
     if not isinstance(mapping, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the top level'}: expected a mapping of keys, "
-                          f"got {mapping!r}")
+                          f"got {short_repr(mapping)}")
     known = _fields(type(obj))
     for key, value in mapping.items():
         path = f"{prefix}{key}"
@@ -304,7 +305,7 @@ def _apply_override(cfg: Config, item: str) -> None:
 
 def _require(ok: bool, where: str, path: str, rule: str, value) -> None:
     if not ok:
-        raise ConfigError(f"{where}: {path} {rule}, got {value!r}")
+        raise ConfigError(f"{where}: {path} {rule}, got {short_repr(value)}")
 
 
 def _check(where: str, rule_check, value, path: str, hint: str = "", **kw):
@@ -316,7 +317,7 @@ def _check(where: str, rule_check, value, path: str, hint: str = "", **kw):
         rule = getattr(exc, "rule", None)
         if rule is None:
             raise ConfigError(f"{where}: {exc}") from None
-        raise ConfigError(f"{where}: {path} {rule}, got {value!r}{hint}") from None
+        raise ConfigError(f"{where}: {path} {rule}, got {short_repr(value)}{hint}") from None
 
 
 def _rename_values(cfg: Config) -> None:
