@@ -41,11 +41,18 @@ numbered node by node: rank r lives on node r // ranks_per_node):
                + 2 (c - 1) / c x bytes / B_intra + 2 (c - 1) x overhead
 
 * **CPU term.** On the emulated cluster every node shares the machine's cores,
-  which move at most ``cpu_bytes_per_s`` bytes per second in all (2 cores:
-  about 16 Gbit/s of shaped traffic). A phase then takes at least its total
-  bytes (every message, intra-node included) / ``cpu_bytes_per_s``; when this
-  is the larger term the phase is reported as CPU-limited. None (the default)
-  means a real cluster, where each node's own CPUs drive its NIC.
+  which move at most ``cpu_bytes_per_s`` bytes of point-to-point messages per
+  second in all (2 idle cores: about 16 Gbit/s), and ``cpu_allreduce_bytes_per_s``
+  of all-reduce traffic (2 (p - 1) x bytes per all-reduce over p ranks; fewer per
+  second, since each byte is also summed). A phase then takes at least
+  its bytes over these rates (intra-node messages included); when that is the
+  larger term the phase is reported as CPU-limited. The two do not overlap
+  completely (copies into and out of the sockets at a message's start and end,
+  and tokens the shaper loses while the cores are busy elsewhere), so a phase
+  takes max(T_link, T_cpu) + s x min(T_link, T_cpu), s =
+  ``cpu_serial_fraction``. All three are measured (the bench times an unshaped
+  ring, an unshaped all-reduce and a shaped ring); None (the default) means a
+  real cluster, where each node's own CPUs drive its NIC.
 * **Combine.** The weighted sum after an exchange reads every source and the
   receiver's own buffer and writes it; after an all-reduce the weighted input
   is read and written and the result copied to every receiver. Its bytes over
@@ -121,6 +128,8 @@ class Links:
     intra_bandwidth_bits: float = 800e9  # NVLink-class default; the emulated cluster's loopback is far slower
     op_overhead_s: float = GLOO_OP_OVERHEAD_S
     cpu_bytes_per_s: float | None = None
+    cpu_allreduce_bytes_per_s: float | None = None  # None: cpu_bytes_per_s
+    cpu_serial_fraction: float = 0.0  # the share of the smaller of the link and CPU terms that adds to the larger
     memory_bytes_per_s: float = 20e9
     wire_fraction: float = WIRE_FRACTION
     allreduce: str = "auto"
@@ -134,8 +143,12 @@ class Links:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ConfigError(f"Links.{name}: must be a finite number >= 0, got {v!r}")
-        if self.cpu_bytes_per_s is not None and not self.cpu_bytes_per_s > 0:
-            raise ConfigError(f"Links.cpu_bytes_per_s: must be positive or None, got {self.cpu_bytes_per_s!r}")
+        for name in ("cpu_bytes_per_s", "cpu_allreduce_bytes_per_s"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v > 0):
+                raise ConfigError(f"Links.{name}: must be positive or None, got {v!r}")
+        if not 0 <= self.cpu_serial_fraction <= 1:
+            raise ConfigError(f"Links.cpu_serial_fraction: must be in [0, 1], got {self.cpu_serial_fraction!r}")
         if self.wire_fraction > 1:
             raise ConfigError(f"Links.wire_fraction: must be in (0, 1], got {self.wire_fraction!r}")
         if self.allreduce not in ALGORITHMS:
@@ -286,7 +299,7 @@ def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: in
     world, rpn = len(traffic), ranks_per_node
     nnodes = -(-world // rpn)
     egress, ingress = np.zeros(nnodes), np.zeros(nnodes)
-    intra_sent, total_bytes = np.zeros(world), 0.0
+    intra_sent, total_bytes, ar_bytes = np.zeros(world), 0.0, 0.0
     senders: list[set] = [set() for _ in range(world)]
     B = links.inter_bytes_per_s
     for t in traffic:
@@ -307,7 +320,7 @@ def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: in
         for u, b in load.items():
             ar_load[u] += b
     groups_done = {g: max((ar_load[u] for u in load), default=0.0) / B + rest for g, (load, rest) in shapes.items()}
-    total_bytes += sum(2 * (len(g) - 1) * buffer_bytes for g in shapes)
+    ar_bytes = sum(2 * (len(g) - 1) * buffer_bytes for g in shapes)
     for t in traffic:
         u = t.rank // rpn
         for g in t.allreduces:
@@ -322,12 +335,13 @@ def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: in
         sent[t.rank] += sum(b for _, b in t.sends)
         combine[t.rank] = t.combine_bytes / links.memory_bytes_per_s
     cpu_limited = False
-    if links.cpu_bytes_per_s is not None and total_bytes:
-        cpu_s = total_bytes / links.cpu_bytes_per_s
+    if links.cpu_bytes_per_s is not None and (total_bytes or ar_bytes):
+        cpu_s = total_bytes / links.cpu_bytes_per_s + ar_bytes / (links.cpu_allreduce_bytes_per_s
+                                                                  or links.cpu_bytes_per_s)
         active = comm > 0
-        if np.any(comm[active] < cpu_s):
-            cpu_limited = True
-            comm[active] = np.maximum(comm[active], cpu_s)
+        cpu_limited = bool(np.any(comm[active] < cpu_s))
+        big, small = np.maximum(comm[active], cpu_s), np.minimum(comm[active], cpu_s)
+        comm[active] = big + links.cpu_serial_fraction * small
     return PhaseCost(comm, combine, sent, egress, cpu_limited)
 
 
