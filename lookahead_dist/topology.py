@@ -1,5 +1,8 @@
 """Topologies: a YAML file (or mapping) -> a validated :class:`Topology`.
 
+Length: over 500 lines because the whole validator of the YAML format is here, every key's rule
+beside its key-path error and its size limits; the command line, report and plot are in topology_cli.
+
 A topology is a mixing :class:`~lookahead_dist.mixing.Schedule` (P_0, P_1, ...,
 column j = the weights agent j takes, X_{k+1} = (X_k - G_k) P_k, paper eq. 4),
 the role of every agent (``fast``: computes gradients; ``slow``: passive) and
@@ -58,18 +61,17 @@ path (e.g. ``schedule[1].matrix[2][0]``, ``generator.rows``) and the value.
 (2, ('fast', 'slow'), 2, 0.0)
 
 Command line: ``python -m lookahead_dist.topology FILE [--world-size N] [--plot out.png]``
-prints every phase, its invariant vector, consensus rates and the messages per rank.
+prints every phase, its invariant vector, consensus rates and the messages per rank
+(:mod:`lookahead_dist.topology_cli`).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import networkx as nx
 import numpy as np
 import yaml
 
@@ -81,8 +83,6 @@ from lookahead_dist.mixing import (
     Schedule,
     check_column_stochastic,
     check_row_stochastic,
-    consensus_rate,
-    invariant_vector,
     weight_problem,
 )
 
@@ -512,113 +512,28 @@ def builtin(name: str, world_size: Optional[int] = None, **params) -> Topology:
     return from_mapping({"generator": {"type": name, **params}}, source=f"<builtin {name}>", world_size=world_size)
 
 
-# -- report, plot and command line ---------------------------------------------------
-
-
-def _vec(v) -> str:
-    return "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
-
-
-def _matrix_text(P: np.ndarray) -> list:
-    if P.shape[0] > 12:
-        return ["".join("x" if x else "." for x in row) for row in P]
-    return [" ".join(f"{x:7.4f}" for x in row) for row in P]
-
-
-def report(t: Topology) -> str:
-    """A human-readable description of a topology (what the command line prints)."""
-    from lookahead_dist.plan import compile_plan, group_rank_sets
-
-    s = t.schedule
-    out = [f"{t.name}  ({t.source})"]
-    if t.description:
-        out.append(f"  {t.description}")
-    out += [f"agents: {t.n} on {t.world_size} ranks; push-sum: {'yes' if t.push_sum else 'no'}; "
-            f"fast: {list(t.fast_agents)}; slow: {list(t.slow_agents)}",
-            f"placement (agent -> rank): {list(t.placement)}",
-            f"period: {s.period} steps, {len(s.phases)} phases"]
-    kind = "row i = how agent i splits its mass" if t.push_sum else "column j = the weights agent j takes"
-    avg, allreduces = np.zeros(t.world_size), 0
-    for k, ph in enumerate(s.phases):
-        P = ph.matrix
-        out += ["", f"phase {k}" + (f" ({ph.name})" if ph.name else "") + f", repeat {ph.repeat}",
-                f"  P ({kind}" + ("; x = non-zero)" if t.n > 12 else ")")]
-        out += ["    " + line for line in _matrix_text(P)]
-        M = P.T if t.push_sum else P
-        try:
-            a = np.full(t.n, 1.0 / t.n) if t.push_sum else invariant_vector(P)
-            out.append(f"  invariant vector: {_vec(a)}")
-            out.append(f"  consensus rate: {consensus_rate(M):.6g}")
-        except MixingError as exc:
-            out.append(f"  invariant vector: none unique ({exc}); consensus rate: 1 (no consensus in this phase)")
-        sends = [len(compile_plan(P, t.placement, r).send_peers()) for r in range(t.world_size)]
-        groups = group_rank_sets(P, t.placement)
-        avg += ph.repeat * np.array(sends)
-        if ph.is_identity:
-            out.append("  messages per step: none (identity: no communication)")
-        elif not groups and not any(sends):
-            out.append("  messages per step: none (local arithmetic on each rank)")
-        out += [f"  one all-reduce over ranks {list(g)}" for g in groups]
-        allreduces += ph.repeat * len(groups)
-        if any(sends):
-            per_rank = (f"every rank: {sends[0]}" if len(set(sends)) == 1 else
-                        ", ".join(f"rank {r}: {m}" for r, m in enumerate(sends)) + f" (max {max(sends)})")
-            out.append(f"  messages per step (distinct other ranks each rank sends to): {per_rank}")
-    out += ["", f"over the period ({s.period} steps):"]
-    try:
-        out.append(f"  invariant vector: {_vec(s.invariant_vector())}")
-    except MixingError as exc:
-        out.append(f"  invariant vector: none common ({exc})")
-    rate = s.consensus_rate()
-    out.append(f"  period consensus rate: {rate:.6g}")
-    out.append(f"  per-step rate: {s.consensus_rate(per_step=True):.6g}")
-    out.append("  point-to-point messages per step, averaged: " + ", ".join(
-        f"rank {r}: {m / s.period:.3g}" for r, m in enumerate(avg)) + f"; all-reduces per period: {allreduces}")
-    return "\n".join(out)
-
-
-def plot(t: Topology, path) -> None:
-    """Draw the graph of every phase (edges i -> j for P[i, j] > 0, i != j) into a PNG file."""
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    phases = t.schedule.phases
-    fig = Figure(figsize=(4 * len(phases), 4.2))
-    axes = fig.subplots(1, len(phases), squeeze=False)[0]
-    colors = ["tab:blue" if r == "fast" else "tab:orange" for r in t.roles]
-    for k, (ax, ph) in enumerate(zip(axes, phases)):
-        G = nx.DiGraph()
-        G.add_nodes_from(range(t.n))
-        G.add_edges_from((int(i), int(j)) for i, j in zip(*np.nonzero(ph.matrix)) if i != j)
-        pos = nx.circular_layout(G)
-        nx.draw_networkx(G, pos, ax=ax, node_color=colors, arrows=True, node_size=300, font_size=8,
-                         connectionstyle="arc3,rad=0.1")
-        ax.set_title(f"phase {k} {ph.name} (x{ph.repeat})".strip(), fontsize=9)
-        ax.set_axis_off()
-    fig.suptitle(f"{t.name}: fast = blue, slow = orange")
-    fig.savefig(path, dpi=90)
+# -- command line ----------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
-    """``lookahead-topology FILE [--world-size N] [--plot out.png]``: validate and describe a topology."""
-    parser = argparse.ArgumentParser(prog="lookahead-topology", description=main.__doc__)
-    parser.add_argument("file", help="topology YAML file")
-    parser.add_argument("--world-size", type=int, default=None, help="number of ranks the topology must fit")
-    parser.add_argument("--plot", metavar="PNG", default=None, help="draw the graph of each phase into this file")
-    args = parser.parse_args(argv)
-    try:
-        t = load(args.file, world_size=args.world_size)
-    except TopologyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report(t))
-    if args.plot:
-        plot(t, args.plot)
-        print(f"\nplot written to {args.plot}")
-    return 0
+    """``lookahead-topology FILE [--world-size N] [--plot out.png]``: see :mod:`lookahead_dist.topology_cli`."""
+    from lookahead_dist.topology_cli import main as cli_main
+
+    return cli_main(argv)
+
+
+def report(t: Topology) -> str:
+    """A human-readable description of a topology: :func:`lookahead_dist.topology_cli.report`."""
+    from lookahead_dist.topology_cli import report as cli_report
+
+    return cli_report(t)
+
+
+def plot(t: Topology, path) -> None:
+    """Draw the graph of every phase into a PNG file: :func:`lookahead_dist.topology_cli.plot`."""
+    from lookahead_dist.topology_cli import plot as cli_plot
+
+    cli_plot(t, path)
 
 
 if __name__ == "__main__":
