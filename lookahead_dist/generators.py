@@ -1,5 +1,8 @@
 """Built-in mixing-matrix generators, built on networkx graphs.
 
+Length: just over 500 lines: every built-in generator, its parameter rules and the size limits the
+loader relies on; each generator is a few lines, and the registry needs them all in one place.
+
 Every generator returns float64 NumPy matrices in the library's convention:
 column j of P holds the weights agent j takes from every agent (X_{k+1} = X_k P,
 paper eq. 4), so every column sums to 1. Time-varying generators return a list

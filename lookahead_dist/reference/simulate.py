@@ -1,5 +1,8 @@
 """Single-process float64 reference engine: X_{k+1} = (X_k - G_k) P_k (paper eq. 4).
 
+Length: about 520 lines, kept whole on purpose: this is the oracle every distributed run is checked
+against, and its six stages of a step read top to bottom in one file, beside the argument checks.
+
 Every distributed algorithm of the library is checked against this module, so it
 is written to be plain rather than fast (a vectorized path exists for scale and
 is itself checked against the plain per-agent path).
