@@ -26,7 +26,7 @@ from lookahead_dist.comm import Comm
 from lookahead_dist.engine import MixingEngine, exact_average_
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.flat import flatten_module, without_weight
-from lookahead_dist.optim_utils import WrapperOptimizer
+from lookahead_dist.optim_utils import STEP_KEY, WrapperOptimizer, saved_step_count
 
 __all__ = ["Decentralized", "run_passive"]
 
@@ -95,7 +95,7 @@ class Decentralized(WrapperOptimizer):
             self.engine.add_agent(
                 agent, buffers if agent == self._model_agent else [b.detach().clone() for b in buffers]
             )
-        self.k = 0
+        self.step_count = 0
 
     # -- push-sum bookkeeping ----------------------------------------------------
     def _values(self, agent: int) -> list[torch.Tensor]:
@@ -124,18 +124,18 @@ class Decentralized(WrapperOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.flat.check_views(full=self.k % 100 == 0)
+        self.flat.check_views(full=self.step_count % 100 == 0)
         local = self.engine.local_agents
         if self.push_sum:
             for a in local:
                 self._scale(a, to_numerator=True)
         if self.fast_agent is not None:
             self.optimizer.step()
-        self.engine.mix(self.k)
+        self.engine.mix(self.step_count)
         if self.push_sum:
             for a in local:
                 self._scale(a, to_numerator=False)
-        self.k += 1
+        self.step_count += 1
         return loss
 
     @torch.no_grad()
@@ -157,7 +157,7 @@ class Decentralized(WrapperOptimizer):
         return {
             "inner": self.optimizer.state_dict(),
             "decentralized": {
-                "step": self.k,
+                STEP_KEY: self.step_count,
                 "agents": {a: [b.detach().clone() for b in bufs] for a, bufs in self.engine.agents.items()},
                 "fingerprint": self.topology.fingerprint(),
             },
@@ -169,8 +169,9 @@ class Decentralized(WrapperOptimizer):
             raise ConfigError(
                 f"checkpoint was written for another topology than {self.topology.source}"
             )
+        step_count = saved_step_count(own, "Decentralized.load_state_dict")
         self.optimizer.load_state_dict(state_dict["inner"])
-        self.k = int(own["step"])
+        self.step_count = step_count
         with torch.no_grad():
             for a, bufs in own["agents"].items():
                 for dst, src in zip(self.engine.agents[int(a)], bufs):

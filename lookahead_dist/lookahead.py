@@ -1,5 +1,8 @@
 """Lookahead as a wrapper around any torch.optim optimizer.
 
+Length: about 500 lines, kept in one file as torch.optim keeps sgd.py: the pure sync functions are the
+class's math, and its checkpoint checks guard its own state-dict format.
+
 Lookahead is the two-agent case of X_{k+1} = (X_k - G_k) P_k (paper eq. 4):
 the fast agent x is the model's parameters, stepped by the inner optimizer;
 the slow agent z holds the slow weights and never computes a gradient. P_k is
@@ -63,10 +66,7 @@ def _group_pairs(first: list[Tensor], second: list[Tensor]) -> dict:
     """Group index-aligned pairs by (device, dtype of first, dtype of second)."""
     groups: dict = {}
     for a, b in zip(first, second):
-        key = (a.device, a.dtype, b.dtype)
-        entry = groups.get(key)
-        if entry is None:
-            entry = groups[key] = ([], [])
+        entry = groups.setdefault((a.device, a.dtype, b.dtype), ([], []))
         entry[0].append(a)
         entry[1].append(b)
     return groups
@@ -192,8 +192,8 @@ def _check_saved(params: dict[int, Tensor], saved: dict, name: str) -> None:
                               f"the parameter's shape {tuple(params[i].shape)}, got {tuple(value.shape)}")
 
 
-class _Plan:
-    """(device, dtype) buckets of (fast, slow) pairs, and the param_groups they were built from."""
+class _DtypeBuckets:
+    """(device, dtype) buckets of (fast, slow) pairs, and the param_groups they were built from (a cache)."""
 
     def __init__(self, groups: list[dict], buckets: list[tuple]):
         self.groups, self.buckets = groups, buckets  # bucket: (device, dtype, foreach, fast, slow)
@@ -283,15 +283,10 @@ class Lookahead(WrapperOptimizer):
         _check_params(optimizer.param_groups, "optimizer.param_groups")
         self._momentum_key = _first_moment_key(optimizer, optimizer.param_groups, self.pullback)
         super().__init__(optimizer)
-        self._steps = 0
+        self.step_count = 0  #: optimizer steps taken (skipped GradScaler steps excluded)
         self.slow_state: dict[Tensor, dict[str, Tensor]] = {}
-        self._plan: Optional[_Plan] = None
+        self._buckets: Optional[_DtypeBuckets] = None
         self._init_slow_state(self._flat_params())
-
-    @property
-    def step_count(self) -> int:
-        """Optimizer steps taken (skipped GradScaler steps excluded)."""
-        return self._steps
 
     def _flat_params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -303,7 +298,7 @@ class Lookahead(WrapperOptimizer):
             if self.pullback == "pullback":
                 entry["momentum_snapshot"] = torch.zeros_like(p, requires_grad=False)
             self.slow_state[p] = entry
-        self._plan = None
+        self._buckets = None
 
     def reset_slow_weights(self) -> None:
         """Restart the slow weights from the current parameters: z <- x.
@@ -312,14 +307,14 @@ class Lookahead(WrapperOptimizer):
         """
         for p in self._flat_params():
             self.slow_state[p]["slow_param"] = p.detach().to(dtype=slow_dtype(p.dtype), copy=True)
-        self._plan = None
+        self._buckets = None
 
-    def _current_plan(self) -> _Plan:
+    def _current_buckets(self) -> _DtypeBuckets:
         """Buckets of (fast, slow) pairs, rebuilt when parameters moved or groups changed."""
         groups = self.optimizer.param_groups
-        plan = self._plan
-        if plan is not None and plan.valid_for(groups):
-            return plan
+        cached = self._buckets
+        if cached is not None and cached.valid_for(groups):
+            return cached
         buckets: dict = {}
         seen: set[int] = set()
         for p in self._flat_params():
@@ -336,38 +331,36 @@ class Lookahead(WrapperOptimizer):
             s = entry.get("momentum_snapshot")
             if s is not None and s.device != p.device:
                 entry["momentum_snapshot"] = s.to(device=p.device)
-            key = (p.device, p.dtype)
-            if key not in buckets:
-                buckets[key] = (p.device, p.dtype, self.foreach is not False, [], [])
-            buckets[key][3].append(p)
-            buckets[key][4].append(z)
-        self._plan = _Plan(groups, list(buckets.values()))
-        return self._plan
+            bucket = buckets.setdefault((p.device, p.dtype), (p.device, p.dtype, self.foreach is not False, [], []))
+            bucket[3].append(p)
+            bucket[4].append(z)
+        self._buckets = _DtypeBuckets(groups, list(buckets.values()))
+        return self._buckets
 
     def step(self, closure: Optional[Callable[[], float]] = None):  # type: ignore[override]
         """One inner step; after every ``tau``-th, a sync (eq. 5). Returns the closure's loss."""
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        self._steps += 1
-        if self._steps % self.tau == 0:
+        self.step_count += 1
+        if self.step_count % self.tau == 0:
             self._sync()
         return loss
 
     @torch.no_grad()
     def _sync(self) -> None:
-        plan = self._current_plan()
-        for _, _, foreach, fast, slow in plan.buckets:
+        buckets = self._current_buckets()
+        for _, _, foreach, fast, slow in buckets.buckets:
             if foreach:
                 _multi_tensor_sync_(fast, slow, self.alpha)
             else:
                 _single_tensor_sync_(fast, slow, self.alpha)
         if self._momentum_key is not None:
-            self._apply_pullback(plan)
+            self._apply_pullback(buckets)
 
-    def _apply_pullback(self, plan: _Plan) -> None:
+    def _apply_pullback(self, buckets: _DtypeBuckets) -> None:
         inner_state = self.optimizer.state
         key = self._momentum_key
         buffers, snapshots = [], []
-        for p in (p for bucket in plan.buckets for p in bucket[3]):
+        for p in (p for bucket in buckets.buckets for p in bucket[3]):
             m = inner_state[p].get(key) if p in inner_state else None
             if m is None:  # never stepped: nothing to pull back
                 continue
@@ -393,16 +386,16 @@ class Lookahead(WrapperOptimizer):
             with opt.slow_weights():
                 evaluate(model)
         """
-        plan = self._current_plan()
+        buckets = self._current_buckets().buckets
         with torch.no_grad():
-            saved = [[x.detach().clone() for x in fast] for _, _, _, fast, _ in plan.buckets]
-            for _, _, _, fast, slow in plan.buckets:
+            saved = [[x.detach().clone() for x in fast] for _, _, _, fast, _ in buckets]
+            for _, _, _, fast, slow in buckets:
                 torch._foreach_copy_(fast, slow)
         try:
             yield
         finally:
             with torch.no_grad():
-                for (_, _, _, fast, _), backup in zip(plan.buckets, saved):
+                for (_, _, _, fast, _), backup in zip(buckets, saved):
                     torch._foreach_copy_(fast, backup)
 
     @torch._disable_dynamo
@@ -430,10 +423,10 @@ class Lookahead(WrapperOptimizer):
         """The inner optimizer's state dict plus a ``"lookahead"`` entry (see the class docs)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        self._current_plan()  # slow weights exist and sit beside their parameters
+        self._current_buckets()  # slow weights exist and sit beside their parameters
         params = self._param_index()
         own: dict[str, Any] = {
-            "tau": self.tau, "alpha": self.alpha, "pullback": self.pullback, "step_count": self._steps,
+            "tau": self.tau, "alpha": self.alpha, "pullback": self.pullback, "step_count": self.step_count,
             "slow_params": {i: self.slow_state[p]["slow_param"] for i, p in params.items()}}
         if self.pullback == "pullback":
             own["momentum_snapshots"] = {i: self.slow_state[p]["momentum_snapshot"] for i, p in params.items()}
@@ -472,16 +465,16 @@ class Lookahead(WrapperOptimizer):
         self.optimizer.load_state_dict(self.inner_state_dict(state_dict))
         self.slow_state = {}
         if own is None:
-            self._steps = 0
+            self.step_count = 0
             self._init_slow_state(params.values())
         else:
             self.tau, self.alpha, self.pullback, self._momentum_key = tau, alpha, pullback, key
-            self._steps = int(own["step_count"])
+            self.step_count = int(own["step_count"])
             self._init_slow_state(params.values())
             self._load_tensors(params, own.get("slow_params", {}), "slow_param", slow_dtype)
             if pullback == "pullback":
                 self._load_tensors(params, own.get("momentum_snapshots", {}), "momentum_snapshot", None)
-        self._plan = None
+        self._buckets = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -492,20 +485,22 @@ class Lookahead(WrapperOptimizer):
             dtype = dtype_rule(p.dtype) if dtype_rule is not None else value.dtype
             self.slow_state[p][name] = value.detach().to(device=p.device, dtype=dtype, copy=True)
 
-    _PICKLED = ("optimizer", "tau", "alpha", "pullback", "foreach", "_momentum_key", "_steps", "slow_state")
+    _PICKLED = ("optimizer", "tau", "alpha", "pullback", "foreach", "_momentum_key", "step_count", "slow_state")
 
     def __getstate__(self) -> dict[str, Any]:
         # Hooks and a scheduler's wrapped ``step`` stay behind, as with torch.optim.
         return {name: getattr(self, name) for name in self._PICKLED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_steps" in state:  # pickled before the counter was named step_count
+            state = dict(state, step_count=state.pop("_steps"))
         self.__dict__.update(state)
-        self._plan = None
+        self._buckets = None
         self._init_base_attributes()
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (
             f"Lookahead(tau={self.tau}, alpha={self.alpha}, pullback={self.pullback!r}, "
-            f"step_count={self._steps}) (\n{inner}\n)"
+            f"step_count={self.step_count}) (\n{inner}\n)"
         )

@@ -5,9 +5,13 @@ state-dict hooks work, LR schedulers accept it) but owns no parameters of its
 own: ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's
 objects, forwarded, so a scheduler on the wrapper changes the inner learning
 rate and ``add_param_group`` reaches the inner optimizer.
+
+Every wrapper counts its optimizer steps in ``step_count`` and saves the
+count under the checkpoint key ``"step_count"``.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -15,7 +19,21 @@ import torch
 
 from lookahead_dist.errors import ConfigError
 
-__all__ = ["WrapperOptimizer"]
+__all__ = ["STEP_KEY", "WrapperOptimizer", "saved_step_count"]
+
+#: The checkpoint key of a wrapper's step counter (written ``"step"`` by Decentralized and SlowMo before).
+STEP_KEY = "step_count"
+
+
+def saved_step_count(own: dict, where: str) -> int:
+    """The step counter saved in a wrapper's own checkpoint entry ``own``; the former key ``"step"`` still loads."""
+    if STEP_KEY in own:
+        return int(own[STEP_KEY])
+    if "step" in own:
+        warnings.warn(f"{where}: the checkpoint stores its step counter under the former key 'step'; "
+                      f"saving it again writes {STEP_KEY!r}", DeprecationWarning, stacklevel=3)
+        return int(own["step"])
+    raise ConfigError(f"{where}: the checkpoint has no step counter ({STEP_KEY!r}); its keys are {sorted(own)}")
 
 
 class WrapperOptimizer(torch.optim.Optimizer):
@@ -75,6 +93,17 @@ class WrapperOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         self.optimizer.add_param_group(param_group)
+
+    @property
+    def k(self) -> int:
+        """Deprecated name of ``step_count``."""
+        warnings.warn(f"{type(self).__name__}.k is deprecated; read step_count", DeprecationWarning, stacklevel=2)
+        return self.step_count
+
+    @k.setter
+    def k(self, value: int) -> None:
+        warnings.warn(f"{type(self).__name__}.k is deprecated; set step_count", DeprecationWarning, stacklevel=2)
+        self.step_count = value
 
     def base_lr(self) -> float:
         """The learning rate of the first param group (what the slow-momentum rule calls gamma)."""

@@ -40,7 +40,7 @@ from lookahead_dist.decentralized import Decentralized
 from lookahead_dist.engine import exact_average_
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.flat import flatten_module
-from lookahead_dist.optim_utils import WrapperOptimizer
+from lookahead_dist.optim_utils import STEP_KEY, WrapperOptimizer, saved_step_count
 from lookahead_dist.validation import (
     OPTIMIZER_STATE_POLICIES,
     check_beta,
@@ -153,7 +153,7 @@ class SlowMo(WrapperOptimizer):
         self.momentum = [torch.zeros_like(z) for z in self.slow]
         self._pad = self._mine = None  # sharded slow step's scratch, allocated once
         self._slow_bytes = 0
-        self.k = 0
+        self.step_count = 0
         self.gamma = self.base_lr()
 
     # -- layout -----------------------------------------------------------------
@@ -179,7 +179,7 @@ class SlowMo(WrapperOptimizer):
     # -- the step ---------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        if self.k % self.tau == 0:
+        if self.step_count % self.tau == 0:
             self.gamma = self.base_lr()
         if self.base is not None:
             loss = self.base.step(closure)
@@ -188,10 +188,10 @@ class SlowMo(WrapperOptimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            self.flat.check_views(full=self.k % 100 == 0)
+            self.flat.check_views(full=self.step_count % 100 == 0)
             self.optimizer.step()
-        self.k += 1
-        if self.k % self.tau == 0:
+        self.step_count += 1
+        if self.step_count % self.tau == 0:
             self._slow_step()
         return loss
 
@@ -241,7 +241,7 @@ class SlowMo(WrapperOptimizer):
     # -- checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict:
         own = {
-            "step": self.k,
+            STEP_KEY: self.step_count,
             "gamma": self.gamma,
             "slow": [z.clone() for z in self.slow],
             "momentum": [u.clone() for u in self.momentum],
@@ -262,13 +262,14 @@ class SlowMo(WrapperOptimizer):
                 f"SlowMo checkpoint: written with world size {own['world_size']} and shard={own['shard']}, "
                 f"loading with world size {self.comm.world_size} and shard={self.shard}"
             )
+        step_count = saved_step_count(own, "SlowMo.load_state_dict")
         if self.base is not None:
             self.base.load_state_dict({"inner": state_dict["inner"], "decentralized": state_dict["base"]})
         else:
             self.optimizer.load_state_dict(state_dict["inner"])
             for dst, src in zip(self.flat.tensors(), state_dict["model"]):
                 dst.copy_(src)
-        self.k, self.gamma = int(own["step"]), float(own["gamma"])
+        self.step_count, self.gamma = step_count, float(own["gamma"])
         self.tau, self.alpha, self.beta = own["tau"], own["alpha"], own["beta"]
         for dst, src in zip(self.slow + self.momentum, own["slow"] + own["momentum"]):
             dst.copy_(src)

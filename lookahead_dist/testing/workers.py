@@ -123,7 +123,7 @@ def _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=None, state=None):
             sched.load_state_dict(state["sched"])
     hist = [flat_model(model)]
     ckpt = None
-    for k in range(opt.k, steps):
+    for k in range(opt.step_count, steps):
         if stop_at is not None and k == stop_at:
             import io
 
