@@ -110,6 +110,12 @@ def test_lookahead_matrix_and_invariant_vector(alpha):
     np.testing.assert_allclose(lookahead_schedule(alpha, 4).invariant_vector(), [alpha, 1 - alpha], atol=1e-15)
 
 
+def test_lookahead_matrix_alpha_zero_is_a_valid_degenerate_matrix():
+    # alpha = 0 as a matrix: both agents take z (only the edge slow -> fast); the Lookahead optimizer refuses it
+    P = lookahead_matrix(0.0)
+    assert P.tolist() == [[0.0, 0.0], [1.0, 1.0]] and consensus_rate(P) == 0.0
+
+
 def test_lookahead_alpha_one_has_rate_zero():
     assert consensus_rate(lookahead_matrix(1.0)) == 0.0
     assert lookahead_schedule(1.0, 5).consensus_rate() == 0.0

@@ -541,6 +541,12 @@ def test_slow_momentum_fields_are_validated(kw, name):
         SlowMomentum(**kw)
 
 
+def test_slow_momentum_alpha_above_one_only_on_request_as_in_slowmo():
+    assert SlowMomentum(alpha=1.5, beta=0.5, tau=2, max_alpha=2.0).alpha == 1.5
+    with pytest.raises(ConfigError, match=r"slow_momentum.alpha must lie in \(0, 2\], got 2.5"):
+        SlowMomentum(alpha=2.5, max_alpha=2.0)
+
+
 def test_slow_momentum_needs_positive_learning_rate():
     q = Quadratic(d=2, n=2, seed=0)
     ref = Reference(Schedule.static(np.eye(2)), ["fast", "slow"], torch.zeros(2), q,
