@@ -13,6 +13,7 @@ import torch
 
 from lookahead_dist.comm import Comm
 from lookahead_dist.decentralized import Decentralized
+from lookahead_dist.engine import exact_average_
 from lookahead_dist.slowmo import SlowMo
 from lookahead_dist.train.config import Config
 from lookahead_dist.train.models import build_model
@@ -53,9 +54,10 @@ class Consensus:
         mine = torch.cat([t.detach().reshape(-1) for t in state_tensors(self.model)]).double()
         nparams = sum(p.numel() for p in self.model.parameters())
         dev = self.comm.device_for_collectives()
-        total = torch.cat([mine * weight, torch.tensor([weight], dtype=torch.float64, device=mine.device)]).to(dev)
-        self.comm.all_reduce_sum(total, self.ranks)
-        avg = (total[:-1] / total[-1]).to(mine.device)
+        # [values, weight slot]: one all-reduce carries the numerators and the sum of the weights
+        total = torch.cat([mine, mine.new_tensor([weight])]).to(dev)
+        exact_average_([total], weight, self.comm, self.ranks, weight_slot=True)
+        avg = total[:-1].to(mine.device)
         active = 1.0 if weight > 0 else 0.0
         gap = float((mine[:nparams] - avg[:nparams]).pow(2).sum())
         dist2 = torch.tensor([active * gap, active], dtype=torch.float64, device=dev)
