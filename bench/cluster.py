@@ -23,11 +23,10 @@ compiled plans with the emulated cluster's links: the shaped rate, no link
 latency, gloo's per-operation overhead, loopback between ranks of one node
 (:data:`INTRA_BITS`), the combine at the memory bandwidth the worker measures
 with the engine's own arithmetic, and the CPU term: what the machine's cores
-move in all, measured at the start by an unshaped ring exchange and an
-unshaped all-reduce on 8 nodes, and the share of it that does not overlap
-the links, from a shaped ring at 1.5 Gbit/s (see :func:`calibrate`; all
-three depend on the load other processes put on the machine, which is
-printed). Every run passes ``--no-bandwidth-check``
+move in all, measured just before the runs of each cluster size by unshaped
+runs, and the share of it that does not overlap the links, from a shaped
+ring at 1.5 Gbit/s (see :func:`calibrate`; they depend on the load other
+processes put on the machine, which is printed). Every run passes ``--no-bandwidth-check``
 and the table shows how far the launcher's link probe was from the rate.
 
     sudo python bench/cluster.py [--reps 5] [--only ring-8x1-1gbit ...] [--quick]
@@ -213,38 +212,39 @@ def predict(cfg: Config, ranks: list[dict], links: Links) -> tuple[list[float], 
     return [p.time_s for p in cost.phases], cost.mix_s, cost.cpu_limited
 
 
-CALIBRATION = (Config("ring", 8, 1, "100gbit"), Config("complete", 8, 1, "100gbit"), Config("ring", 8, 1, "1500mbit"))
+def calibrate(nodes: int, reps: int, log) -> dict:
+    """The CPU term on ``nodes`` nodes, measured just before the configurations of that size.
 
-
-def calibrate(reps: int, log) -> tuple[float, float, float]:
-    """The CPU term: bytes per second the machine moves in all, unshaped, for an exchange and for an all-reduce
-    (a ring and a complete graph on 8 nodes at 100 Gbit/s, far above what the cores move), and the share s
-    of the smaller of the link and CPU terms that does not overlap the larger, from a shaped ring at 1.5 Gbit/s
-    (not one of the configurations validated)."""
+    Bytes per second the machine moves in all, unshaped (100 Gbit/s, far above what the cores move):
+    a ring exchange and an all-reduce (complete graph) across the nodes, and a ring of 8 ranks inside one
+    node (loopback); then the share s of the smaller of the link and CPU terms that does not overlap the
+    larger, from a ring shaped to 1.5 Gbit/s. None of these is a validated configuration.
+    """
     from lookahead_dist.cluster import parse_rate
 
-    rates = []
-    for cfg in CALIBRATION[:2]:
+    out = {}
+    for key, cfg in (("x", Config("ring", nodes, 1, "100gbit")), ("ar", Config("complete", nodes, 1, "100gbit")),
+                     ("intra", Config("ring", 1, 8, "100gbit"))):
         ranks = _run(cfg, reps, log)
         if ranks is None:
             raise SystemExit(f"calibration run {cfg.name} failed")
-        nbytes = ranks[0]["bytes"]
-        moved = 8 * 2 * nbytes if cfg.family == "ring" else 2 * 7 * nbytes
+        nbytes, world = ranks[0]["bytes"], cfg.nodes * cfg.per_node
+        moved = world * 2 * nbytes if cfg.family == "ring" else 2 * (world - 1) * nbytes
         step = measured(ranks)[0]
-        rates.append(moved / step)
+        out[key] = moved / step
         log(f"calibration {cfg.name}: {moved / 1e6:.0f} MB moved in {step:.4f} s: {moved / step * 8 / 1e9:.2f} Gbit/s")
-    cfg = CALIBRATION[2]
+    cfg = Config("ring", nodes, 1, "1500mbit")
     ranks = _run(cfg, reps, log)
     if ranks is None:
         raise SystemExit(f"calibration run {cfg.name} failed")
     base = dict(latency_s=0.0, intra_bandwidth_bits=INTRA_BITS, allreduce="ring")
     link = predict(cfg, ranks, Links(parse_rate(cfg.rate), **base))[1]
-    cpu = predict(cfg, ranks, Links(1e15, cpu_bytes_per_s=rates[0], cpu_allreduce_bytes_per_s=rates[1], **base))[1]
+    cpu = predict(cfg, ranks, Links(1e15, cpu_bytes_per_s=out["x"], **base))[1]
     step = measured(ranks)[0]
-    serial = min(1.0, max(0.0, (step - max(link, cpu)) / min(link, cpu)))
+    out["s"] = min(1.0, max(0.0, (step - max(link, cpu)) / min(link, cpu)))
     log(f"calibration {cfg.name}: {step:.4f} s measured, links alone {link:.4f} s, CPU alone {cpu:.4f} s: "
-        f"s = {serial:.2f}")
-    return rates[0], rates[1], serial
+        f"s = {out['s']:.2f}")
+    return out
 
 
 def _run(cfg: Config, reps: int, log, info: dict | None = None):
@@ -265,15 +265,16 @@ def _run(cfg: Config, reps: int, log, info: dict | None = None):
             return json.load(f)
 
 
-def run_config(cfg: Config, reps: int, log, cpu: tuple[float, float, float]) -> dict:
+def run_config(cfg: Config, reps: int, log, cpu: dict) -> dict:
     from lookahead_dist.cluster import parse_rate
 
     t0, info = time.monotonic(), {}
     ranks = _run(cfg, reps, log, info)
     if ranks is None:
         return {"config": cfg, "probe": info.get("probe", math.nan)}
-    links = Links(parse_rate(cfg.rate), latency_s=0.0, intra_bandwidth_bits=INTRA_BITS, cpu_bytes_per_s=cpu[0],
-                  cpu_allreduce_bytes_per_s=cpu[1], cpu_serial_fraction=cpu[2], allreduce="ring")
+    links = Links(parse_rate(cfg.rate), latency_s=0.0, intra_bandwidth_bits=INTRA_BITS, cpu_bytes_per_s=cpu["x"],
+                  cpu_allreduce_bytes_per_s=cpu["ar"], cpu_intra_bytes_per_s=cpu["intra"],
+                  cpu_serial_fraction=cpu["s"], allreduce="ring")
     phases = measured(ranks)
     t = topology(cfg.family, cfg.nodes, cfg.per_node)
     repeats = [1] if cfg.family == "ddp" else [ph.repeat for ph in t.schedule.phases]
@@ -325,18 +326,22 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     load_before = os.getloadavg()
-    cpu = calibrate(reps, log)
+    cpus: dict[int, dict] = {}
     rows = []
-    for cfg in configs:
-        r = run_config(cfg, reps, log, cpu)
+    for cfg in sorted(configs, key=lambda c: -c.nodes):  # calibrate each cluster size just before its runs
+        if cfg.nodes not in cpus:
+            cpus[cfg.nodes] = calibrate(cfg.nodes, reps, log)
+        r = run_config(cfg, reps, log, cpus[cfg.nodes])
         rows.append(r)
         if "measured" in r:
             log(f"{cfg.name}: measured {r['measured']:.4f} s, predicted {r['predicted']:.4f} s ({r['error']:+.1%}); "
                 f"link probe {r['probe']:+.1%} off rate x 1448/1514; {r['wall']:.0f} s")
     print(table(rows))
-    print(f"CPU term (calibrated at the start): exchange {cpu[0] * 8 / 1e9:.2f} Gbit/s, all-reduce "
-          f"{cpu[1] * 8 / 1e9:.2f} Gbit/s of traffic in all, serial share s = {cpu[2]:.2f}; "
-          f"probe: the launcher's link measurement against rate x 1448/1514")
+    for nodes, cpu in cpus.items():
+        print(f"CPU term on {nodes} nodes (calibrated before their runs): exchange {cpu['x'] * 8 / 1e9:.2f}, "
+              f"all-reduce {cpu['ar'] * 8 / 1e9:.2f}, inside a node {cpu['intra'] * 8 / 1e9:.2f} Gbit/s of traffic "
+              f"in all; serial share s = {cpu['s']:.2f}")
+    print("probe: the launcher's measurement of the link from node 0 to node 1, against rate x 1448/1514")
     print(f"load average before (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)}")
     print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} "
           f"cores; {reps} repetitions per phase")

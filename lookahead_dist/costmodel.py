@@ -42,10 +42,11 @@ numbered node by node: rank r lives on node r // ranks_per_node):
 
 * **CPU term.** On the emulated cluster every node shares the machine's cores,
   which move at most ``cpu_bytes_per_s`` bytes of point-to-point messages per
-  second in all (2 idle cores: about 16 Gbit/s), and ``cpu_allreduce_bytes_per_s``
-  of all-reduce traffic (2 (p - 1) x bytes per all-reduce over p ranks; fewer per
-  second, since each byte is also summed). A phase then takes at least
-  its bytes over these rates (intra-node messages included); when that is the
+  second in all (2 idle cores: about 16 Gbit/s), ``cpu_allreduce_bytes_per_s``
+  of all-reduce traffic (2 (p - 1) x bytes per all-reduce over p ranks; each
+  byte is also summed) and ``cpu_intra_bytes_per_s`` of traffic inside a node
+  (messages and all-reduces over loopback, which skip the shaper and the
+  bridge). A phase then takes at least its bytes over these rates; when that is the
   larger term the phase is reported as CPU-limited. The two do not overlap
   completely (copies into and out of the sockets at a message's start and end,
   and tokens the shaper loses while the cores are busy elsewhere), so a phase
@@ -129,6 +130,7 @@ class Links:
     op_overhead_s: float = GLOO_OP_OVERHEAD_S
     cpu_bytes_per_s: float | None = None
     cpu_allreduce_bytes_per_s: float | None = None  # None: cpu_bytes_per_s
+    cpu_intra_bytes_per_s: float | None = None  # None: cpu_bytes_per_s
     cpu_serial_fraction: float = 0.0  # the share of the smaller of the link and CPU terms that adds to the larger
     memory_bytes_per_s: float = 20e9
     wire_fraction: float = WIRE_FRACTION
@@ -143,7 +145,7 @@ class Links:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ConfigError(f"Links.{name}: must be a finite number >= 0, got {v!r}")
-        for name in ("cpu_bytes_per_s", "cpu_allreduce_bytes_per_s"):
+        for name in ("cpu_bytes_per_s", "cpu_allreduce_bytes_per_s", "cpu_intra_bytes_per_s"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and v > 0):
                 raise ConfigError(f"Links.{name}: must be positive or None, got {v!r}")
@@ -299,18 +301,19 @@ def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: in
     world, rpn = len(traffic), ranks_per_node
     nnodes = -(-world // rpn)
     egress, ingress = np.zeros(nnodes), np.zeros(nnodes)
-    intra_sent, total_bytes, ar_bytes = np.zeros(world), 0.0, 0.0
+    intra_sent, total_bytes, ar_bytes, intra_bytes = np.zeros(world), 0.0, 0.0, 0.0
     senders: list[set] = [set() for _ in range(world)]
     B = links.inter_bytes_per_s
     for t in traffic:
         u = t.rank // rpn
         for peer, b in t.sends:
-            total_bytes += b
             if peer // rpn != u:
+                total_bytes += b
                 egress[u] += b
                 ingress[peer // rpn] += b
                 senders[peer].add(u)
             else:
+                intra_bytes += b
                 intra_sent[t.rank] += b
     comm, combine, sent = np.zeros(world), np.zeros(world), np.zeros(world)
     # all-reduces of one phase run at once: groups that share a node share its NIC
@@ -320,7 +323,11 @@ def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: in
         for u, b in load.items():
             ar_load[u] += b
     groups_done = {g: max((ar_load[u] for u in load), default=0.0) / B + rest for g, (load, rest) in shapes.items()}
-    ar_bytes = sum(2 * (len(g) - 1) * buffer_bytes for g in shapes)
+    for g, (load, _) in shapes.items():
+        if load:
+            ar_bytes += 2 * (len(g) - 1) * buffer_bytes
+        else:  # inside one node
+            intra_bytes += 2 * (len(g) - 1) * buffer_bytes
     for t in traffic:
         u = t.rank // rpn
         for g in t.allreduces:
@@ -335,9 +342,10 @@ def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: in
         sent[t.rank] += sum(b for _, b in t.sends)
         combine[t.rank] = t.combine_bytes / links.memory_bytes_per_s
     cpu_limited = False
-    if links.cpu_bytes_per_s is not None and (total_bytes or ar_bytes):
-        cpu_s = total_bytes / links.cpu_bytes_per_s + ar_bytes / (links.cpu_allreduce_bytes_per_s
-                                                                  or links.cpu_bytes_per_s)
+    if links.cpu_bytes_per_s is not None and (total_bytes or ar_bytes or intra_bytes):
+        cpu_s = (total_bytes / links.cpu_bytes_per_s
+                 + ar_bytes / (links.cpu_allreduce_bytes_per_s or links.cpu_bytes_per_s)
+                 + intra_bytes / (links.cpu_intra_bytes_per_s or links.cpu_bytes_per_s))
         active = comm > 0
         cpu_limited = bool(np.any(comm[active] < cpu_s))
         big, small = np.maximum(comm[active], cpu_s), np.minimum(comm[active], cpu_s)

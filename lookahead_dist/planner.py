@@ -35,7 +35,7 @@ from lookahead_dist.generators import GENERATORS
 from lookahead_dist.mixing import Phase, Schedule
 
 __all__ = ["Row", "plan_rows", "recommend", "format_table", "parse_count", "parse_rate", "parse_time",
-           "consensus_rate_fast", "main"]
+           "consensus_rate_fast", "scaling_plot", "main"]
 
 TAUS = (4, 12, 48)
 SLOWMO_TAUS = (12, 48)
@@ -251,9 +251,40 @@ def format_table(rows: list[Row]) -> str:
             out.append(f"| {r.name} | - | - | - | - | - | - | - |  ({r.note})")
             continue
         mb = r.bytes_per_rank / 1e6
-        out.append(f"| {r.name} | {mb:.4g} | {_fmt_s(r.comm_s)} | {r.rate:.4g} | {r.steps:g} | "
+        out.append(f"| {r.name} | {mb:.4g} | {_fmt_s(r.comm_s)} | {r.rate:.6g} | {r.steps:g} | "
                    f"{_fmt_s(r.time_to_eps_s)} | {_fmt_s(r.blocking_s)} | {_fmt_s(r.overlapped_s)} |")
     return "\n".join(out)
+
+
+def scaling_plot(path, sizes, ranks_per_node: int, links: Links, params: float, compute_s: float = 0.0,
+                 overlap: bool = False, title: str = "") -> dict[str, list[float]]:
+    """Draw the predicted step time of every family against the number of ranks into a PNG; returns the series."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    series: dict[str, list[float]] = {}
+    for n in sizes:
+        for r in plan_rows(n, max(1, n // ranks_per_node), links, params, compute_s=compute_s):
+            series.setdefault(r.name, []).append(r.overlapped_s if overlap else r.blocking_s)
+    fig = Figure(figsize=(8, 5.5))
+    ax = fig.subplots()
+    colors = matplotlib.colormaps["tab20"]
+    for k, (name, ys) in enumerate(series.items()):
+        ax.plot(sizes, ys, marker="os^vD<>ph*x+"[k % 12], label=name, linestyle="-" if k < 7 else "--",
+                color=colors(k % 20))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"ranks N ({ranks_per_node} per node)")
+    ax.set_ylabel(f"predicted step time, {'overlapped' if overlap else 'blocking'} (s)")
+    ax.set_title(title or "predicted step time per family", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return series
 
 
 def build_parser(prog: str = "python -m lookahead_dist.topology --plan") -> argparse.ArgumentParser:
@@ -269,9 +300,14 @@ def build_parser(prog: str = "python -m lookahead_dist.topology --plan") -> argp
     p.add_argument("--op-overhead", default=f"{GLOO_OP_OVERHEAD_S * 1e6:g}us",
                    help="per-operation cost of the communication library (default: gloo's, measured; "
                         "NCCL's is some 10us)")
+    p.add_argument("--memory-bandwidth", type=float, default=20.0,
+                   help="GB/s of the weighted combine's memory traffic (default 20; a GPU has some 1000)")
     p.add_argument("--eps", type=float, default=1e-3, help="consensus distance to reach (default 1e-3)")
     p.add_argument("--max-consensus-steps", type=float, default=32, help="for the recommendation (default 32)")
     p.add_argument("--overlap", action="store_true", help="recommend by the overlapped step time")
+    p.add_argument("--scaling-plot", metavar="PNG", default=None,
+                   help="also draw the step time of every family for N = 8, 16, ... up to --world-size ranks "
+                        "(same ranks per node)")
     return p
 
 
@@ -280,7 +316,8 @@ def main(argv=None) -> int:
     try:
         links = Links(parse_rate(args.bandwidth), latency_s=parse_time(args.latency),
                       intra_bandwidth_bits=parse_rate(args.intra_bandwidth, "--intra-bandwidth"),
-                      op_overhead_s=parse_time(args.op_overhead, "--op-overhead"))
+                      op_overhead_s=parse_time(args.op_overhead, "--op-overhead"),
+                      memory_bytes_per_s=args.memory_bandwidth * 1e9)
         params = parse_count(args.params)
         rows = plan_rows(args.world_size, args.nodes, links, params, compute_s=args.compute_ms / 1e3,
                          bytes_per_param=args.bytes_per_param, eps=args.eps)
@@ -293,6 +330,13 @@ def main(argv=None) -> int:
           f"compute {args.compute_ms:g} ms per step")
     print(format_table(rows))
     print(f"\nrecommended: {why}")
+    if args.scaling_plot:
+        rpn = args.world_size // args.nodes
+        sizes = [2 ** k for k in range(3, 31) if rpn <= 2 ** k <= args.world_size]
+        scaling_plot(args.scaling_plot, sizes, rpn, links, params, args.compute_ms / 1e3, args.overlap,
+                     f"{args.bandwidth} NICs, {rpn} rank(s) per node, {params / 1e6:.4g}M parameters, "
+                     f"compute {args.compute_ms:g} ms")
+        print(f"plot written to {args.scaling_plot}")
     return 0
 
 

@@ -133,6 +133,16 @@ def test_cpu_term_takes_over_when_the_cores_are_the_limit():
     assert slow.cpu_limited and slow.comm_s == pytest.approx(1.28, rel=1e-12)
     fast = cost(ring(8), 8, 1, Links(GBIT, cpu_bytes_per_s=2e9, **BARE))
     assert not fast.cpu_limited and fast.comm_s == pytest.approx(80e6 / B, rel=1e-12)
+    # the part that does not overlap: max + s x min; 640 MB at 1 GB/s = 0.64 s beside 0.669 s on the links
+    part = cost(ring(8), 8, 1, Links(GBIT, cpu_bytes_per_s=1e9, cpu_serial_fraction=0.5, **BARE))
+    assert not part.cpu_limited and part.comm_s == pytest.approx(80e6 / B + 0.32, rel=1e-12)
+    # an all-reduce over 8 moves 2 x 7 x 40 MB = 560 MB in all, at its own CPU rate: 560 MB / 0.5 GB/s = 1.12 s
+    ar = cost(complete(8), 8, 1, Links(GBIT, cpu_bytes_per_s=1e12, cpu_allreduce_bytes_per_s=0.5e9, **BARE))
+    assert ar.cpu_limited and ar.comm_s == pytest.approx(1.12, rel=1e-12)
+    # inside nodes (ring of 8 on 4 nodes of 2): each rank sends one buffer inside its node, 8 x 40 MB = 320 MB
+    # at 0.32 GB/s = 1 s; the 8 buffers that cross nodes go at the exchange rate: 320 MB / 3.2 GB/s = 0.1 s
+    intra = cost(ring(8), 8, 2, Links(GBIT, cpu_bytes_per_s=3.2e9, cpu_intra_bytes_per_s=0.32e9, **BARE))
+    assert intra.cpu_limited and intra.comm_s == pytest.approx(1.1, rel=1e-12)
 
 
 def test_combine_bytes_and_time():
@@ -181,6 +191,8 @@ def test_bad_input_names_the_argument():
         Links(0)
     with pytest.raises(ConfigError, match="allreduce"):
         Links(GBIT, allreduce="tree")
+    with pytest.raises(ConfigError, match="cpu_serial_fraction"):
+        Links(GBIT, cpu_serial_fraction=1.5)
     with pytest.raises(ConfigError, match="eps"):
         steps_to_consensus(0.5, 2.0)
     with pytest.raises(ConfigError, match="ranks_per_node"):
