@@ -1,6 +1,6 @@
 """Checkpoints written by the code before the step counter got one name still resume, bit for bit.
 
-tests/data/old_*.pt were written by tests/data/make_old_checkpoints.py on the commit before
+tests/_data/old_*.pt were written by tests/_data/make_old_checkpoints.py on the commit before
 (Decentralized and SlowMo saved their counter as "step", now "step_count"). Each is loaded into
 fresh objects, trained K more steps and compared with an uninterrupted run of this code.
 """
@@ -14,7 +14,7 @@ import torch
 
 from lookahead_dist import comm
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent / "_data"
 K = 7  # steps after the checkpoint: crosses two more syncs (tau = 3)
 
 _spec = importlib.util.spec_from_file_location("make_old_checkpoints", DATA / "make_old_checkpoints.py")

@@ -1,6 +1,6 @@
 """Write the checkpoint fixtures of tests/test_checkpoint_compat.py with the code it imports.
 
-    cd <a checkout of the commit to freeze> && PYTHONPATH=. python /path/to/tests/data/make_old_checkpoints.py OUTDIR
+    cd <a checkout of the commit to freeze> && PYTHONPATH=. python /path/to/tests/_data/make_old_checkpoints.py OUTDIR
 
 Each fixture is ``torch.save({"model": ..., "optimizer": ...})`` of one optimizer wrapper
 (Lookahead, Decentralized, SlowMo) after ``STOP`` steps of a tiny float64 model, mid-window
