@@ -6,6 +6,7 @@ to a set of agents, X_{k+1} = (X_k - G_k) P_k (Wang et al., eq. 4).
 from lookahead_dist import comm
 from lookahead_dist.decentralized import Decentralized, run_passive
 from lookahead_dist.errors import (
+    CheckpointError,
     CommError,
     ConfigError,
     DivergenceError,
@@ -29,6 +30,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'lookahead_dist' has no attribute {name!r}")
 
 __all__ = [
+    "CheckpointError",
     "CommError",
     "ConfigError",
     "Decentralized",

@@ -25,6 +25,10 @@ class ConfigError(LookaheadDistError, ValueError):
     """A run configuration or an optimizer argument is invalid."""
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be resumed: the message names the file and what is wrong with it."""
+
+
 class CommError(LookaheadDistError, RuntimeError):
     """Communication between ranks failed: a mismatch between ranks, a lost peer, a timeout."""
 

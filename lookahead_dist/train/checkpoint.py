@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from lookahead_dist.comm import Comm
-from lookahead_dist.errors import ConfigError, LookaheadDistError
+from lookahead_dist.errors import CheckpointError, LookaheadDistError
 from lookahead_dist.train.rundir import atomic_write, write_text
 
 __all__ = ["KEEP", "CheckpointError", "last_checkpoint", "read_rank_file", "resume", "save"]
@@ -39,10 +39,6 @@ __all__ = ["KEEP", "CheckpointError", "last_checkpoint", "read_rank_file", "resu
 KEEP = 2
 _KEYS = ("step", "rank", "world_size", "model", "optimizer", "torch_rng")
 _FOLDER = re.compile(r"step_(\d+)$")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint cannot be resumed: the message names the file and what is wrong with it."""
 
 
 def _folder(step: int) -> str:
