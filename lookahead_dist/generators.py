@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import reprlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -30,7 +29,7 @@ import numpy as np
 
 from lookahead_dist.errors import ConfigError, MixingError, TopologyError
 from lookahead_dist.mixing import Phase, lookahead_schedule
-from lookahead_dist.validation import check_int, check_mixing_alpha
+from lookahead_dist.validation import check_int, check_mixing_alpha, short_repr
 
 __all__ = [
     "GENERATORS",
@@ -62,15 +61,6 @@ MAX_AGENTS = 2048
 #: The longest schedule period (sum of the phases' repeats), in steps. 10^9 steps is far beyond any
 #: training run, and the bound keeps step arithmetic (k mod period, the phases' start steps) in int64.
 MAX_PERIOD = 10**9
-
-_SHORT = reprlib.Repr()
-_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 3, 10, 10, 6
-_SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 60, 40, 60
-
-
-def short_repr(value) -> str:
-    """repr(value) cut to about a line: error messages quote bad input, which may be huge or deeply nested."""
-    return _SHORT.repr(value)
 
 
 def _error(gen: str, key: Optional[str], value, rule: str) -> TopologyError:

@@ -50,6 +50,7 @@ follows one of :data:`OPTIMIZER_STATE_POLICIES`.
 from __future__ import annotations
 
 import math
+import reprlib
 import numbers
 from typing import Any, Callable, Sequence
 
@@ -74,10 +75,27 @@ OPTIMIZER_STATE_POLICIES = ("keep", "reset", "average")
 ErrorType = Callable[[str], Exception]
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 3, 10, 10, 6
+_SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 60, 40, 60
+
+
+def short_repr(value) -> str:
+    """repr(value) cut to about a line: error messages quote bad input, which may be huge or deeply nested."""
+    return _SHORT.repr(value)
+
+
 def _fail(error: ErrorType, name: str, rule: str, value: Any, hint: str = "") -> Exception:
-    exc = error(f"{name} must {rule}, got {value!r}{hint}")
+    exc = error(f"{name} must {rule}, got {short_repr(value)}{hint}")
     exc.argument, exc.rule, exc.value = name, f"must {rule}", value
     return exc
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float64's range
+        return False
 
 
 def check_int(value, name: str, *, low: int = 1, error: ErrorType = ConfigError) -> int:
@@ -94,7 +112,7 @@ def check_real(
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
+        or not _finite(value)
         or not ok(float(value))
     ):
         raise _fail(error, name, rule, value, hint)

@@ -55,7 +55,7 @@ import yaml
 
 from lookahead_dist import validation as check
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.generators import short_repr
+from lookahead_dist.validation import short_repr
 
 __all__ = [
     "AlgorithmConfig",
