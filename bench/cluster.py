@@ -10,8 +10,9 @@ each rank's time ends when its own receives and its combine are done (timed
 at the receiver); a phase's time is the median over repetitions. The step time is the mean over the
 schedule's period. ``ddp`` times ``loss.backward()`` of a model of the same
 bytes wrapped in DistributedDataParallel (its gradient all-reduce, in 25 MB
-buckets) and predicts the backward pass without DDP (``no_sync``, measured)
-plus the all-reduce.
+buckets) and predicts the backward pass without DDP (``no_sync``, measured),
+plus the all-reduce, plus DDP's own memory passes (gradients copied into the
+bucket, divided by the world size, copied back; timed in one process).
 
 A repetition's time runs from the moment the last rank has left the barrier
 to the moment the last rank is done (all ranks read the machine's one
@@ -142,9 +143,22 @@ def worker(cfg: Config, reps: int, out: str) -> None:
                     ddp(x).sum().backward()
             return [t0, time.perf_counter()]
 
+        def bucket_passes() -> float:  # DDP's own memory work: grads into the bucket, / world, back
+            grads = [p.grad for p in model.parameters()]
+            bucket = torch.empty(sum(g.numel() for g in grads))
+            t0 = time.perf_counter()
+            views = torch.split(bucket, [g.numel() for g in grads])
+            for v, g in zip(views, grads):
+                v.copy_(g.view(-1))
+            bucket.div_(comm.world_size)
+            for v, g in zip(views, grads):
+                g.view(-1).copy_(v)
+            return time.perf_counter() - t0
+
         backward(True), backward(False)
         result["phases"] = [[backward(True) for _ in range(reps)]]
         result["local"] = [backward(False) for _ in range(reps)]
+        result["bucket_s"] = statistics.median(bucket_passes() for _ in range(reps))
         result["bytes"] = layers * width * width * 4
     else:
         t = topology(cfg.family, cfg.nodes, cfg.per_node)
@@ -203,11 +217,12 @@ def predict(cfg: Config, ranks: list[dict], links: Links) -> tuple[list[float], 
     mem = statistics.median(r.get("memory_bytes_per_s", links.memory_bytes_per_s) for r in ranks)
     links = Links(**{**links.__dict__, "memory_bytes_per_s": mem})
     cost = schedule_cost(t.schedule, t.placement, nbytes, links, cfg.per_node)
-    if cfg.family == "ddp":  # the backward pass (measured without DDP), then the bucketed all-reduce
+    if cfg.family == "ddp":  # the backward pass (without DDP), the bucketed all-reduce, DDP's bucket copies
         local = span(ranks, "local")
         buckets = -(-nbytes // (25 * 2**20)) + 1  # 25 MiB buckets and DDP's small first one
         world = cfg.nodes * cfg.per_node
-        pred = local + cost.comm_s + 2 * (world - 1) * links.op_overhead_s * (buckets - 1)
+        copies = statistics.median(r["bucket_s"] for r in ranks)
+        pred = local + cost.comm_s + copies + 2 * (world - 1) * links.op_overhead_s * (buckets - 1)
         return [pred], pred, cost.cpu_limited
     return [p.time_s for p in cost.phases], cost.mix_s, cost.cpu_limited
 
