@@ -182,11 +182,14 @@ def plan_rows(world_size: int, nodes: int, links: Links, params: float, *, compu
             shape = (dims["rows"], dims["cols"])
         add(fam.replace("one_peer_", "one-peer "), ph, consensus_rate_fast(ph, shape), sum(p.repeat for p in ph))
     for inter in ("ring", "exponential"):
-        if nodes < 3 and inter == "ring":
+        name = f"hierarchical ({inter} across nodes)"
+        if rpn == 1 or (nodes < 3 and inter == "ring"):
+            why = "one rank per node: the same as the graph across nodes" if rpn == 1 else "fewer than 3 nodes"
+            rows.append(Row(name, *[math.nan] * 6, note=f"not built: {why}"))
             continue
         ph = _phases("hierarchical", n, nodes=nodes, per_node=rpn, inter=inter)
         W = [Phase(GENERATORS[inter].func(nodes))]
-        add(f"hierarchical ({inter} across nodes)", ph, consensus_rate_fast(W) if nodes > 1 else 0.0, 2)
+        add(name, ph, consensus_rate_fast(W) if nodes > 1 else 0.0, 2)
     J = GENERATORS["complete"].func(n)
     add("complete (parameter all-reduce)", [Phase(J)], 0.0, 1)
     ddp = add("all-reduce SGD (DDP)", [Phase(J)], 0.0, 1, note="gradients averaged: the models never drift")

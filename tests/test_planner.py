@@ -140,3 +140,10 @@ def test_planner_speed_uses_symmetry():
     assert s == 1 and len(plans) == 1 and len(t) == 256
     assert ring_allreduce_time(10, 1, 1.0) == 0.0
     assert np.all([len(x.sends) == 8 for x in t])
+
+
+def test_hierarchical_rows_need_several_ranks_per_node():
+    rows = {r.name: r for r in plan_rows(8, 8, LINKS, 1e6)}
+    assert rows["hierarchical (ring across nodes)"].note == (
+        "not built: one rank per node: the same as the graph across nodes")
+    assert math.isnan(rows["hierarchical (exponential across nodes)"].blocking_s)
