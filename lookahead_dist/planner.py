@@ -251,7 +251,7 @@ def format_table(rows: list[Row]) -> str:
     out = [head, "|" + "---|" * 8]
     for r in rows:
         if r.note.startswith("not built"):
-            out.append(f"| {r.name} | - | - | - | - | - | - | - |  ({r.note})")
+            out.append(f"| {r.name} ({r.note}) | - | - | - | - | - | - | - |")
             continue
         mb = r.bytes_per_rank / 1e6
         out.append(f"| {r.name} | {mb:.4g} | {_fmt_s(r.comm_s)} | {r.rate:.6g} | {r.steps:g} | "
@@ -275,6 +275,7 @@ def scaling_plot(path, sizes, ranks_per_node: int, links: Links, params: float, 
     fig = Figure(figsize=(8, 5.5))
     ax = fig.subplots()
     colors = matplotlib.colormaps["tab20"]
+    series = {name: ys for name, ys in series.items() if not all(math.isnan(y) for y in ys)}
     for k, (name, ys) in enumerate(series.items()):
         ax.plot(sizes, ys, marker="os^vD<>ph*x+"[k % 12], label=name, linestyle="-" if k < 7 else "--",
                 color=colors(k % 20))

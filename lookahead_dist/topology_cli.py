@@ -112,7 +112,14 @@ def plot(t: Topology, path) -> None:
 
 def main(argv=None) -> int:
     """``lookahead-topology FILE [--world-size N] [--plot out.png]``: validate and describe a topology."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--plan" in argv:  # the planner: predicted cost of every built-in family on a cluster (docs/PLANNER.md)
+        from lookahead_dist.planner import main as plan_main
+
+        return plan_main([a for a in argv if a != "--plan"])
     parser = argparse.ArgumentParser(prog="lookahead-topology", description=main.__doc__)
+    parser.add_argument("--plan", action="store_true",
+                        help="instead of FILE: compare every built-in family on a cluster; see --plan --help")
     parser.add_argument("file", help="topology YAML file")
     parser.add_argument("--world-size", type=int, default=None, help="number of ranks the topology must fit")
     parser.add_argument("--plot", metavar="PNG", default=None, help="draw the graph of each phase into this file")

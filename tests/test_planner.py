@@ -147,3 +147,10 @@ def test_hierarchical_rows_need_several_ranks_per_node():
     assert rows["hierarchical (ring across nodes)"].note == (
         "not built: one rank per node: the same as the graph across nodes")
     assert math.isnan(rows["hierarchical (exponential across nodes)"].blocking_s)
+
+
+def test_topology_command_line_delegates_plan(capsys):
+    from lookahead_dist.topology_cli import main as topology_main
+
+    code = topology_main(["--plan", "--world-size", "8", "--nodes", "4", "--bandwidth", "1gbit", "--params", "1M"])
+    assert code == 0 and "recommended: " in capsys.readouterr().out
