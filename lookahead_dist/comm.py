@@ -13,13 +13,16 @@ is killed by ``pthread_exit`` from a C++ destructor, which aborts the process
 ("terminate called without an active exception", pytorch/pytorch#38228). So
 every heartbeat stops when its :class:`Comm` is closed or collected, when the
 default group is destroyed, and at the latest in an ``atexit`` hook that joins
-them all before finalization starts.
+them all before finalization starts. The same hook frees a destroyed group that
+torch still holds (see :func:`release_destroyed_groups`), whose gloo threads
+would otherwise abort the process the same way.
 """
 from __future__ import annotations
 
 import atexit
 import datetime
 import os
+import sys
 import threading
 import time
 import weakref
@@ -37,6 +40,7 @@ __all__ = [
     "destroy_process_group",
     "default_backend",
     "is_initialized",
+    "release_destroyed_groups",
     "stop_heartbeats",
 ]
 
@@ -75,6 +79,32 @@ def _import_before_any_group() -> None:
 
 
 _import_before_any_group()
+
+
+def release_destroyed_groups() -> None:
+    """Drop the destroyed process groups that torch.distributed.nn.functional still holds in its defaults.
+
+    Where that module was imported while a group existed (lookahead_dist imported after
+    ``init_process_group``), its defaults keep the group, with its gloo worker threads, alive past
+    ``destroy_process_group``. Left to interpreter finalization, a worker thread that frees its last
+    work's tensors there needs the GIL and aborts the process ("terminate called without an active
+    exception"). A destroyed group in those defaults is replaced by None, the value they hold when the
+    module is imported before any group; the group is then freed here, in the calling thread.
+    Runs at exit and in :func:`destroy_process_group`.
+    """
+    mod = sys.modules.get("torch.distributed.nn.functional")
+    if mod is None or not dist.is_available():
+        return
+    live = {id(pg) for pg in dist.distributed_c10d._world.pg_map} if is_initialized() else set()
+
+    def stale(v) -> bool:
+        return isinstance(v, dist.ProcessGroup) and id(v) not in live
+
+    for fn in list(vars(mod).values()):
+        if getattr(fn, "__module__", None) != mod.__name__ or not getattr(fn, "__defaults__", None):
+            continue
+        if any(stale(v) for v in fn.__defaults__):
+            fn.__defaults__ = tuple(None if stale(v) else v for v in fn.__defaults__)
 
 
 def init_process_group(backend: str | None = None, timeout_s: float = 300.0, **kw) -> None:
@@ -126,6 +156,7 @@ def destroy_process_group() -> None:
     stop_heartbeats()
     if is_initialized():
         dist.destroy_process_group()
+    release_destroyed_groups()
 
 
 class _Heartbeat(threading.Thread):
@@ -172,7 +203,12 @@ def stop_heartbeats(timeout: float = 5.0) -> None:
         _stop_heartbeat(hb, max(0.0, deadline - time.monotonic()))
 
 
-atexit.register(stop_heartbeats)
+def _at_exit() -> None:
+    stop_heartbeats()
+    release_destroyed_groups()
+
+
+atexit.register(_at_exit)
 
 
 class Comm:

@@ -95,3 +95,24 @@ def test_destroyed_group_is_not_kept_by_torch_distributed_nn():
         print("defaults", F.all_reduce.__defaults__[-1])
     """)
     assert out.splitlines() == ["defaults None"]
+
+
+def test_group_held_by_torch_distributed_nn_is_freed_after_destroy():
+    # lookahead_dist imported after init_process_group: torch.distributed.nn.functional's defaults hold the group;
+    # release_destroyed_groups (called at exit too) drops it once destroyed, so its gloo threads end before
+    # interpreter finalization.
+    code = textwrap.dedent("""
+        import os, torch, torch.distributed as dist
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        from lookahead_dist import comm
+        import torch.distributed.nn.functional as F
+        threads = lambda: len(os.listdir("/proc/self/task"))
+        alone = threads()
+        held = type(F.all_reduce.__defaults__[-1]).__name__
+        dist.destroy_process_group()
+        comm.release_destroyed_groups()
+        print(held, F.all_reduce.__defaults__[-1], threads() < alone)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["ProcessGroup", "None", "True"]
