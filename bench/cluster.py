@@ -24,10 +24,12 @@ compiled plans with the emulated cluster's links: the shaped rate, no link
 latency, gloo's per-operation overhead, loopback between ranks of one node
 (:data:`INTRA_BITS`), the combine at the memory bandwidth the worker measures
 with the engine's own arithmetic, and the CPU term: what the machine's cores
-move in all, measured just before the runs of each cluster size by unshaped
-runs, and the share of it that does not overlap the links, from a shaped
-ring at 1.5 Gbit/s (see :func:`calibrate`; they depend on the load other
-processes put on the machine, which is printed). Every run passes ``--no-bandwidth-check``
+move in all, measured by an unshaped run (:func:`cpu_rate`: a ring, an
+all-reduce or a ring inside one node, whichever the configuration's traffic
+needs) just before each configuration, since it depends on the load other
+processes put on the machine (printed), and the share of it that does not
+overlap the links, from a shaped ring at 1.5 Gbit/s once per cluster size
+(:func:`calibrate`). Every run passes ``--no-bandwidth-check``
 and the table shows how far the launcher's link probe was from the rate.
 
     sudo python bench/cluster.py [--reps 5] [--only ring-8x1-1gbit ...] [--quick]
@@ -227,27 +229,35 @@ def predict(cfg: Config, ranks: list[dict], links: Links) -> tuple[list[float], 
     return [p.time_s for p in cost.phases], cost.mix_s, cost.cpu_limited
 
 
-def calibrate(nodes: int, reps: int, log) -> dict:
-    """The CPU term on ``nodes`` nodes, measured just before the configurations of that size.
+CPU_RUNS = {"x": lambda nodes: Config("ring", nodes, 1, "100gbit"),
+            "ar": lambda nodes: Config("complete", nodes, 1, "100gbit"),
+            "intra": lambda nodes: Config("ring", 1, 8, "100gbit")}
+NEEDS = {"ring": ("x",), "exponential": ("x",), "one_peer_exponential": ("x", "ar"), "complete": ("ar",),
+         "ddp": ("ar",), "hierarchical": ("intra", "x")}
 
-    Bytes per second the machine moves in all, unshaped (100 Gbit/s, far above what the cores move):
-    a ring exchange and an all-reduce (complete graph) across the nodes, and a ring of 8 ranks inside one
-    node (loopback); then the share s of the smaller of the link and CPU terms that does not overlap the
-    larger, from a ring shaped to 1.5 Gbit/s. None of these is a validated configuration.
-    """
+
+def cpu_rate(key: str, nodes: int, reps: int, log) -> float:
+    """Bytes per second the machine moves in all, unshaped (100 Gbit/s, far above what the cores move):
+    "x" a ring exchange across ``nodes`` nodes, "ar" an all-reduce across them, "intra" a ring of 8 ranks
+    inside one node (loopback)."""
+    cfg = CPU_RUNS[key](nodes)
+    ranks = _run(cfg, reps, log)
+    if ranks is None:
+        raise SystemExit(f"calibration run {cfg.name} failed")
+    nbytes, world = ranks[0]["bytes"], cfg.nodes * cfg.per_node
+    moved = world * 2 * nbytes if cfg.family == "ring" else 2 * (world - 1) * nbytes
+    step = measured(ranks)[0]
+    log(f"calibration {cfg.name}: {moved / 1e6:.0f} MB moved in {step:.4f} s: {moved / step * 8 / 1e9:.2f} Gbit/s")
+    return moved / step
+
+
+def calibrate(nodes: int, reps: int, log) -> dict:
+    """The CPU term's share s: of the smaller of the link and CPU terms, the part that does not overlap the
+    larger, from a ring on ``nodes`` nodes shaped to 1.5 Gbit/s (not a validated configuration) and the
+    unshaped ring's rate measured just before it."""
     from lookahead_dist.cluster import parse_rate
 
-    out = {}
-    for key, cfg in (("x", Config("ring", nodes, 1, "100gbit")), ("ar", Config("complete", nodes, 1, "100gbit")),
-                     ("intra", Config("ring", 1, 8, "100gbit"))):
-        ranks = _run(cfg, reps, log)
-        if ranks is None:
-            raise SystemExit(f"calibration run {cfg.name} failed")
-        nbytes, world = ranks[0]["bytes"], cfg.nodes * cfg.per_node
-        moved = world * 2 * nbytes if cfg.family == "ring" else 2 * (world - 1) * nbytes
-        step = measured(ranks)[0]
-        out[key] = moved / step
-        log(f"calibration {cfg.name}: {moved / 1e6:.0f} MB moved in {step:.4f} s: {moved / step * 8 / 1e9:.2f} Gbit/s")
+    out = {"x": cpu_rate("x", nodes, reps, log)}
     cfg = Config("ring", nodes, 1, "1500mbit")
     ranks = _run(cfg, reps, log)
     if ranks is None:
@@ -343,19 +353,29 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     cpus: dict[int, dict] = {}
     rows = []
-    for cfg in sorted(configs, key=lambda c: -c.nodes):  # calibrate each cluster size just before its runs
-        if cfg.nodes not in cpus:
+    for cfg in sorted(configs, key=lambda c: -c.nodes):
+        if cfg.nodes not in cpus:  # the overlap share, once per cluster size
             cpus[cfg.nodes] = calibrate(cfg.nodes, reps, log)
-        r = run_config(cfg, reps, log, cpus[cfg.nodes])
+        # the CPU rates the configuration's traffic needs, measured just before it: the load that other
+        # processes put on the machine changes from one minute to the next
+        cpu = dict(cpus[cfg.nodes])
+        for key in NEEDS[cfg.family]:
+            cpu[key] = cpu_rate(key, cfg.nodes, reps, log)
+        for key in ("ar", "intra"):
+            cpu.setdefault(key, cpu["x"])  # not used by this configuration's traffic
+        r = run_config(cfg, reps, log, cpu)
+        r["cpu_rates"] = {k: cpu[k] for k in NEEDS[cfg.family]}
         rows.append(r)
         if "measured" in r:
             log(f"{cfg.name}: measured {r['measured']:.4f} s, predicted {r['predicted']:.4f} s ({r['error']:+.1%}); "
                 f"link probe {r['probe']:+.1%} off rate x 1448/1514; {r['wall']:.0f} s")
     print(table(rows))
-    for nodes, cpu in cpus.items():
-        print(f"CPU term on {nodes} nodes (calibrated before their runs): exchange {cpu['x'] * 8 / 1e9:.2f}, "
-              f"all-reduce {cpu['ar'] * 8 / 1e9:.2f}, inside a node {cpu['intra'] * 8 / 1e9:.2f} Gbit/s of traffic "
-              f"in all; serial share s = {cpu['s']:.2f}")
+    names = {"x": "exchange", "ar": "all-reduce", "intra": "inside a node"}
+    print("CPU term, measured unshaped just before each configuration (Gbit/s of traffic in all):")
+    for r in rows:
+        rates = ", ".join(f"{names[k]} {v * 8 / 1e9:.2f}" for k, v in r.get("cpu_rates", {}).items())
+        print(f"  {r['config'].name}: {rates}")
+    print("overlap share s: " + ", ".join(f"{n} nodes {c['s']:.2f}" for n, c in cpus.items()))
     print("probe: the launcher's measurement of the link from node 0 to node 1, against rate x 1448/1514")
     print(f"load average before (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)}")
     print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} "
