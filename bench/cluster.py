@@ -77,6 +77,10 @@ class Config:
         return f"{self.family}-{self.nodes}x{self.per_node}-{self.rate}"
 
 
+# 4 nodes at 2.5 Gbit/s, not 5: at 5 Gbit/s the four links ask for 20 Gbit/s, more than the two cores move
+# under the load of the other processes here (10 to 17 Gbit/s unshaped on 4 nodes), and how much less
+# depends on the pattern (one flow per process moved half what the ring calibration did: -26 % for
+# one-peer exponential); the emulation, not the links, was then being measured
 CONFIGS = [
     Config("ring", 8, 1, "1gbit"),
     Config("one_peer_exponential", 8, 1, "1gbit"),
@@ -86,9 +90,9 @@ CONFIGS = [
     Config("ddp", 8, 1, "1gbit"),
     Config("ring", 8, 1, "2gbit"),
     Config("complete", 8, 1, "2gbit"),
-    Config("exponential", 4, 1, "5gbit", 32.0),
-    Config("one_peer_exponential", 4, 1, "5gbit", 32.0),
-    Config("ddp", 4, 1, "5gbit", 32.0),
+    Config("exponential", 4, 1, "2500mbit", 32.0),
+    Config("one_peer_exponential", 4, 1, "2500mbit", 32.0),
+    Config("ddp", 4, 1, "2500mbit", 32.0),
 ]
 
 
