@@ -68,20 +68,26 @@ _COUNT = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
 
 
 def _parse(text, units: dict, name: str, example: str, default_unit: str | None = None) -> float:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    unit = m.group(2) if m else None
-    if m and not unit and default_unit is not None:
-        unit = default_unit
-    if not m or unit not in units:
-        raise ConfigError(f"{name}: {text!r} is not understood; write e.g. {example} (units: {', '.join(units)})")
-    value = float(m.group(1)) * units[unit]
+    """A number with a unit (tc's spelling, SI); a bare int or float is taken in the base unit."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+        unit = m.group(2) if m else None
+        if m and not unit and default_unit is not None:
+            unit = default_unit
+        if not m or unit not in units:
+            raise ConfigError(
+                f"{name}: {text!r} is not understood; write e.g. {example} (units: {', '.join(units)})"
+            )
+        value = float(m.group(1)) * units[unit]
     if not math.isfinite(value):
         raise ConfigError(f"{name}: must be finite, got {text!r}")
     return value
 
 
 def parse_rate(text, name: str = "--bandwidth") -> float:
-    """Bits per second from '25gbit', '500mbit' (SI, as tc writes them)."""
+    """Bits per second from '25gbit', '500mbit' (SI, as tc writes them; not tc's 'bps'), or a number."""
     value = _parse(text, _RATE, name, "'25gbit' or '500mbit'")
     if value <= 0:
         raise ConfigError(f"{name}: the rate must be positive, got {text!r}")
@@ -89,8 +95,11 @@ def parse_rate(text, name: str = "--bandwidth") -> float:
 
 
 def parse_time(text, name: str = "--latency") -> float:
-    """Seconds from '5us', '1ms', '0' (a bare number is seconds)."""
-    return _parse(text, _TIME, name, "'5us' or '1ms'", default_unit="s")
+    """Seconds from '5us', '1ms', '0' (a bare number is seconds); never negative."""
+    value = _parse(text, _TIME, name, "'5us' or '1ms'", default_unit="s")
+    if value < 0:
+        raise ConfigError(f"{name}: must be >= 0, got {text!r}")
+    return value
 
 
 def parse_count(text, name: str = "--params") -> float:

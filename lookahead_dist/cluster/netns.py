@@ -31,19 +31,21 @@ on PATH, and root or CAP_NET_ADMIN + CAP_SYS_ADMIN.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 
+from lookahead_dist.costmodel import WIRE_FRACTION, usable_bandwidth
 from lookahead_dist.errors import ConfigError, LookaheadDistError
+from lookahead_dist.planner import parse_rate, parse_time
 
 __all__ = [
     "ClusterError",
     "Network",
     "PREFIX",
+    "WIRE_FRACTION",
     "parse_rate",
     "parse_latency",
     "usable_rate",
@@ -57,7 +59,6 @@ __all__ = [
 PREFIX = "ldc-"  # every namespace this package creates is named ldc-<run id>-<br|n<i>>
 NETNS_DIR = "/run/netns"
 MTU = 1500
-WIRE_FRACTION = 1448 / 1514  # TCP payload per byte on the wire at MTU 1500 with timestamps
 BURST_MIN = 96 * 1024  # bytes: a 64 KiB GSO packet plus its per-segment headers (about 68.5 KiB) fits
 BURST_TIME = 0.5e-3  # seconds of the rate in the bucket, where that is more than BURST_MIN
 LIMIT_TIME = 10e-3  # seconds of the rate the queue holds before tbf refuses a packet
@@ -67,44 +68,14 @@ class ClusterError(LookaheadDistError, RuntimeError):
     """The emulated cluster cannot run here: no privilege, a missing qdisc, a failed command, a bad link."""
 
 
-_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
-_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
-
-
-def parse_rate(text: str | float, name: str = "--bandwidth") -> float:
-    """Bits per second from tc-style text: '1gbit', '500mbit', '2.5gbit', '100kbit' (SI, bits; not tc's 'bps')."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]+)\s*", str(text).lower())
-        if not m or m.group(2) not in _RATE_UNITS:
-            raise ConfigError(
-                f"{name}: {text!r} is not a rate; write a number and one of {sorted(_RATE_UNITS)} "
-                f"(bits per second, SI), e.g. '1gbit' or '500mbit'"
-            )
-        value = float(m.group(1)) * _RATE_UNITS[m.group(2)]
-    if not value > 0 or value != value or value == float("inf"):
-        raise ConfigError(f"{name}: the rate must be positive and finite, got {text!r}")
-    return value
-
-
-def parse_latency(text: str | float, name: str = "--latency") -> float:
-    """Seconds from '200us', '1ms', '0.5ms', '0' (a bare number is seconds)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-        if not m or (m.group(2) and m.group(2) not in _TIME_UNITS):
-            raise ConfigError(f"{name}: {text!r} is not a time; write e.g. '200us', '1ms' or '0'")
-        value = float(m.group(1)) * _TIME_UNITS[m.group(2) or "s"]
-    if value < 0 or value != value or value == float("inf"):
-        raise ConfigError(f"{name}: the latency must be >= 0 and finite, got {text!r}")
-    return value
+def parse_latency(text, name: str = "--latency") -> float:
+    """Seconds from '200us', '1ms', '0.5ms', '0' (a bare number is seconds): the planner's parse_time."""
+    return parse_time(text, name)
 
 
 def usable_rate(rate_bits: float) -> float:
     """TCP payload bytes per second through a link shaped to ``rate_bits`` (1448 of every 1514 bytes)."""
-    return rate_bits / 8 * WIRE_FRACTION
+    return usable_bandwidth(rate_bits)
 
 
 def tbf_params(rate_bits: float) -> tuple[int, int]:
