@@ -37,6 +37,7 @@ Prints one row per configuration (measured, predicted, error) and the load
 average; exits 1 when a prediction is more than 20 % off or the median error
 is above 10 %.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -236,11 +237,19 @@ def predict(cfg: Config, ranks: list[dict], links: Links) -> tuple[list[float], 
     return [p.time_s for p in cost.phases], cost.mix_s, cost.cpu_limited
 
 
-CPU_RUNS = {"x": lambda nodes: Config("ring", nodes, 1, "100gbit"),
-            "ar": lambda nodes: Config("complete", nodes, 1, "100gbit"),
-            "intra": lambda nodes: Config("ring", 1, 8, "100gbit")}
-NEEDS = {"ring": ("x",), "exponential": ("x",), "one_peer_exponential": ("x", "ar"), "complete": ("ar",),
-         "ddp": ("ar",), "hierarchical": ("intra", "x")}
+CPU_RUNS = {
+    "x": lambda nodes: Config("ring", nodes, 1, "100gbit"),
+    "ar": lambda nodes: Config("complete", nodes, 1, "100gbit"),
+    "intra": lambda nodes: Config("ring", 1, 8, "100gbit"),
+}
+NEEDS = {
+    "ring": ("x",),
+    "exponential": ("x",),
+    "one_peer_exponential": ("x", "ar"),
+    "complete": ("ar",),
+    "ddp": ("ar",),
+    "hierarchical": ("intra", "x"),
+}
 
 
 def cpu_rate(key: str, nodes: int, reps: int, log) -> float:
@@ -261,10 +270,26 @@ def cpu_rate(key: str, nodes: int, reps: int, log) -> float:
 def _run(cfg: Config, reps: int, log, info: dict | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        cmd = [sys.executable, "-m", "lookahead_dist.cluster", "--nodes", str(cfg.nodes), "--procs-per-node",
-               str(cfg.per_node), "--bandwidth", cfg.rate, "--no-bandwidth-check", "--",
-               str(Path(__file__).resolve()), "--worker", json.dumps(cfg.__dict__), "--reps", str(reps),
-               "--out", out]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lookahead_dist.cluster",
+            "--nodes",
+            str(cfg.nodes),
+            "--procs-per-node",
+            str(cfg.per_node),
+            "--bandwidth",
+            cfg.rate,
+            "--no-bandwidth-check",
+            "--",
+            str(Path(__file__).resolve()),
+            "--worker",
+            json.dumps(cfg.__dict__),
+            "--reps",
+            str(reps),
+            "--out",
+            out,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
         if info is not None:
             probe = re.search(r"bandwidth node 0 -> node 1: .*\(([-+0-9.]+)%\)", proc.stderr)
@@ -283,22 +308,40 @@ def run_config(cfg: Config, reps: int, log, cpu: dict) -> dict:
     ranks = _run(cfg, reps, log, info)
     if ranks is None:
         return {"config": cfg, "probe": info.get("probe", math.nan)}
-    links = Links(parse_rate(cfg.rate), latency_s=0.0, intra_bandwidth_bits=INTRA_BITS, cpu_bytes_per_s=cpu["x"],
-                  cpu_allreduce_bytes_per_s=cpu["ar"], cpu_intra_bytes_per_s=cpu["intra"],
-                  cpu_serial_fraction=cpu["s"], allreduce="ring")
+    links = Links(
+        parse_rate(cfg.rate),
+        latency_s=0.0,
+        intra_bandwidth_bits=INTRA_BITS,
+        cpu_bytes_per_s=cpu["x"],
+        cpu_allreduce_bytes_per_s=cpu["ar"],
+        cpu_intra_bytes_per_s=cpu["intra"],
+        cpu_serial_fraction=cpu["s"],
+        allreduce="ring",
+    )
     phases = measured(ranks)
     t = topology(cfg.family, cfg.nodes, cfg.per_node)
     repeats = [1] if cfg.family == "ddp" else [ph.repeat for ph in t.schedule.phases]
     step = sum(r * x for r, x in zip(repeats, phases)) / sum(repeats)
     pred_phases, pred, cpu_limited = predict(cfg, ranks, links)
-    return {"config": cfg, "measured": step, "predicted": pred, "error": pred / step - 1, "cpu": cpu_limited,
-            "phases": phases, "pred_phases": pred_phases, "bytes": ranks[0]["bytes"], "probe": info["probe"],
-            "wall": time.monotonic() - t0}
+    return {
+        "config": cfg,
+        "measured": step,
+        "predicted": pred,
+        "error": pred / step - 1,
+        "cpu": cpu_limited,
+        "phases": phases,
+        "pred_phases": pred_phases,
+        "bytes": ranks[0]["bytes"],
+        "probe": info["probe"],
+        "wall": time.monotonic() - t0,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'configuration':<34} {'MB':>5} {'probe':>6} {'measured s':>10} {'predicted s':>11} {'error':>7}  "
-            f"{'limit':<5}  per phase measured / predicted")
+    head = (
+        f"{'configuration':<34} {'MB':>5} {'probe':>6} {'measured s':>10} {'predicted s':>11} {'error':>7}  "
+        f"{'limit':<5}  per phase measured / predicted"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         cfg = r["config"]
@@ -306,12 +349,15 @@ def table(rows: list[dict]) -> str:
             lines.append(f"{cfg.name:<34} failed")
             continue
         per = ", ".join(f"{m:.3f}/{p:.3f}" for m, p in zip(r["phases"], r["pred_phases"]))
-        lines.append(f"{cfg.name:<34} {r['bytes'] / 1e6:>5.0f} {r['probe']:>+6.1%} {r['measured']:>10.4f} "
-                     f"{r['predicted']:>11.4f} {r['error']:>+7.1%}  {'cpu' if r['cpu'] else 'link':<5}  {per}")
+        lines.append(
+            f"{cfg.name:<34} {r['bytes'] / 1e6:>5.0f} {r['probe']:>+6.1%} {r['measured']:>10.4f} "
+            f"{r['predicted']:>11.4f} {r['error']:>+7.1%}  {'cpu' if r['cpu'] else 'link':<5}  {per}"
+        )
     errs = [abs(r["error"]) for r in rows if "measured" in r]
     if errs:
-        lines.append(f"median |error| {statistics.median(errs):.1%}, largest {max(errs):.1%} "
-                     f"over {len(errs)} configurations")
+        lines.append(
+            f"median |error| {statistics.median(errs):.1%}, largest {max(errs):.1%} over {len(errs)} configurations"
+        )
     return "\n".join(lines)
 
 
@@ -333,6 +379,7 @@ def main(argv=None) -> int:
     reps = args.reps
     if args.quick:
         configs, reps = configs[:3], 3
+
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
@@ -351,8 +398,10 @@ def main(argv=None) -> int:
         r["cpu_rates"] = {k: cpu[k] for k in NEEDS[cfg.family]}
         rows.append(r)
         if "measured" in r:
-            log(f"{cfg.name}: measured {r['measured']:.4f} s, predicted {r['predicted']:.4f} s ({r['error']:+.1%}); "
-                f"link probe {r['probe']:+.1%} off rate x 1448/1514; {r['wall']:.0f} s")
+            log(
+                f"{cfg.name}: measured {r['measured']:.4f} s, predicted {r['predicted']:.4f} s ({r['error']:+.1%}); "
+                f"link probe {r['probe']:+.1%} off rate x 1448/1514; {r['wall']:.0f} s"
+            )
     print(table(rows))
     names = {"x": "exchange", "ar": "all-reduce", "intra": "inside a node"}
     print("CPU term, measured unshaped just before each configuration (Gbit/s of traffic in all):")
@@ -362,8 +411,10 @@ def main(argv=None) -> int:
     print(f"overlap share s = {CPU_SERIAL_FRACTION} (CPU_SERIAL_FRACTION, measured beforehand)")
     print("probe: the launcher's measurement of the link from node 0 to node 1, against rate x 1448/1514")
     print(f"load average before (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)}")
-    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} "
-          f"cores; {reps} repetitions per phase")
+    print(
+        f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} "
+        f"cores; {reps} repetitions per phase"
+    )
     errs = [abs(r["error"]) for r in rows if "measured" in r]
     ok = len(errs) == len(rows) and errs and max(errs) <= 0.20 and statistics.median(errs) <= 0.10
     return 0 if ok else 1

@@ -28,6 +28,7 @@ over p ranks), and asserts that they are equal.
     python bench/comm.py [--reps 21] [--layers 110] [--width 304]
     torchrun --nproc_per_node=G bench/comm.py --backend nccl     # one rank per GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from benchutil import rotation  # noqa: E402
+
 TOPOLOGIES = os.path.join(ROOT, "topologies")
 
 TARGETS = {"engine all-reduce (complete)": 1.10, "engine gossip (ring)": 1.15}
@@ -183,14 +185,22 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
             for k in range(period):
                 opt.engine.mix(k)
         buf = opt.engine.buffer_bytes()
-        traffic[name] = {"engine": opt.bytes_sent, "minimum": sum(minimum_bytes(topo, rank, buf, k)
-                                                                  for k in range(period)),
-                         "period": period, "buffer": buf}
+        traffic[name] = {
+            "engine": opt.bytes_sent,
+            "minimum": sum(minimum_bytes(topo, rank, buf, k) for k in range(period)),
+            "period": period,
+            "buffer": buf,
+        }
         del opt, model
     comm.close()
     ring_plan = ring.engine.plan(0)
-    return {"times": times, "traffic": traffic, "numel": numel, "tensors": n_tensors,
-            "ring_is_allreduce": bool(ring_plan.allreduces) and ring_plan.exchange is None}
+    return {
+        "times": times,
+        "traffic": traffic,
+        "numel": numel,
+        "tensors": n_tensors,
+        "ring_is_allreduce": bool(ring_plan.allreduces) and ring_plan.exchange is None,
+    }
 
 
 def report(results: list[dict], cfg: dict) -> bool:
@@ -200,11 +210,16 @@ def report(results: list[dict], cfg: dict) -> bool:
     reps = cfg["reps"]
     # per repetition: the slowest rank
     per_rep = {n: [max(r["times"][n][cfg["warmup"] + i] for r in results) for i in range(reps)] for n in names}
-    floors = {"engine all-reduce (complete)": "floor all-reduce", "torch PeriodicModelAverager": "floor all-reduce",
-              "engine gossip (ring)": "floor gossip"}
-    print(f"{world} ranks ({cfg['backend']}), model: {first['tensors']} tensors, {first['numel'] / 1e6:.2f}M float32 "
-          f"parameters ({first['numel'] * 4 / 2 ** 20:.1f} MiB); median of {reps} interleaved repetitions, "
-          f"time of one step = slowest rank")
+    floors = {
+        "engine all-reduce (complete)": "floor all-reduce",
+        "torch PeriodicModelAverager": "floor all-reduce",
+        "engine gossip (ring)": "floor gossip",
+    }
+    print(
+        f"{world} ranks ({cfg['backend']}), model: {first['tensors']} tensors, {first['numel'] / 1e6:.2f}M float32 "
+        f"parameters ({first['numel'] * 4 / 2**20:.1f} MiB); median of {reps} interleaved repetitions, "
+        f"time of one step = slowest rank"
+    )
     print(f"{'variant':32} {'median ms':>10} {'vs floor':>9} {'(medians)':>10} {'target':>8}")
     ok = True
     for n in names:
@@ -221,16 +236,21 @@ def report(results: list[dict], cfg: dict) -> bool:
         print(line)
     if first["ring_is_allreduce"]:
         print(f"(on {world} ranks the ring's matrix is an exact average: the engine runs it as one all-reduce)")
-    faster = statistics.median(a / b for a, b in zip(per_rep["engine all-reduce (complete)"],
-                                                         per_rep["torch PeriodicModelAverager"]))
-    print(f"engine all-reduce / torch PeriodicModelAverager (same repetition): {faster:.3f} "
-          f"({'faster' if faster < 1 else 'NOT faster'})")
+    faster = statistics.median(
+        a / b for a, b in zip(per_rep["engine all-reduce (complete)"], per_rep["torch PeriodicModelAverager"])
+    )
+    print(
+        f"engine all-reduce / torch PeriodicModelAverager (same repetition): {faster:.3f} "
+        f"({'faster' if faster < 1 else 'NOT faster'})"
+    )
     ok &= faster < 1
 
     print()
-    buf_mib = next((t["buffer"] for t in first["traffic"].values() if "buffer" in t), 0) / 2 ** 20
-    print(f"bytes sent per rank per mixing step, averaged over one period, in buffers of {buf_mib:.2f} MiB "
-          f"(one agent's flat buffer; push-sum adds one element for its weight)")
+    buf_mib = next((t["buffer"] for t in first["traffic"].values() if "buffer" in t), 0) / 2**20
+    print(
+        f"bytes sent per rank per mixing step, averaged over one period, in buffers of {buf_mib:.2f} MiB "
+        f"(one agent's flat buffer; push-sum adds one element for its weight)"
+    )
     print(f"{'topology':26} {'period':>6}  {'engine, rank 0..' + str(world - 1):40} {'minimum':30} equal")
     all_equal = True
     for name, t in first["traffic"].items():
@@ -242,8 +262,10 @@ def report(results: list[dict], cfg: dict) -> bool:
         mins = [r["traffic"][name]["minimum"] / period / buf for r in results]
         equal = all(r["traffic"][name]["engine"] == r["traffic"][name]["minimum"] for r in results)
         all_equal &= equal
-        print(f"{name:26} {period:6d}  {' '.join(f'{x:.3f}' for x in eng):40} "
-              f"{' '.join(f'{x:.3f}' for x in mins):30} {'yes' if equal else 'NO'}")
+        print(
+            f"{name:26} {period:6d}  {' '.join(f'{x:.3f}' for x in eng):40} "
+            f"{' '.join(f'{x:.3f}' for x in mins):30} {'yes' if equal else 'NO'}"
+        )
     assert all_equal, "the engine sends more than the minimum for some topology"
     print()
     print("targets " + ("met" if ok else "NOT met") + " (vs floor: median over repetitions of the ratio within one)")

@@ -18,6 +18,7 @@ optimizer. --system-malloc turns that off.
 
     python bench/lookahead_overhead.py [--threads 1] [--reps 21] [--tau 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,7 @@ def cycle_timers(make_inner, n_tensors: int, size: int, tau: int) -> dict:
             for _ in range(tau):
                 opt.step()
             return time.perf_counter() - start
+
         return run
 
     # Every variant steps the same parameters and gradients (its own optimizer
@@ -82,8 +84,7 @@ def cycle_timers(make_inner, n_tensors: int, size: int, tau: int) -> dict:
 
     timers["floor"] = floor
     if torch_optimizer is not None:
-        timers["torch_optimizer"] = timed(
-            torch_optimizer.Lookahead(make_inner(params), k=tau, alpha=0.5))
+        timers["torch_optimizer"] = timed(torch_optimizer.Lookahead(make_inner(params), k=tau, alpha=0.5))
     return timers
 
 
@@ -95,11 +96,12 @@ def measure(timers: dict, reps: int, warmup: int = 2) -> dict:
             timers[name]()
     samples = {name: [] for name in names}
     for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate: no fixed position
+        order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate: no fixed position
         for name in order:
             samples[name].append(timers[name]())
-    ratios = {name: statistics.median(t / i for t, i in zip(values, samples["inner"]))
-              for name, values in samples.items()}
+    ratios = {
+        name: statistics.median(t / i for t, i in zip(values, samples["inner"])) for name, values in samples.items()
+    }
     ratios["inner seconds"] = statistics.median(samples["inner"])
     return ratios
 
@@ -112,16 +114,17 @@ def main() -> None:
     parser.add_argument("--system-malloc", action="store_true", help="leave malloc's settings alone")
     args = parser.parse_args()
     if not args.system_malloc and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2 ** 32), MALLOC_TRIM_THRESHOLD_=str(2 ** 34))
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**32), MALLOC_TRIM_THRESHOLD_=str(2**34))
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     torch.set_num_threads(args.threads)
 
     third = torch_optimizer is not None
-    print(f"torch {torch.__version__}, threads={args.threads}, tau={args.tau}, "
-          f"median of {args.reps} interleaved repetitions of whole cycles, "
-          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}")
-    header = (f"{'case':26} {'inner':13} {'inner ms/step':>13} {'A/A':>7} {'lookahead':>10} "
-              f"{'floor':>8} {'vs floor':>9}")
+    print(
+        f"torch {torch.__version__}, threads={args.threads}, tau={args.tau}, "
+        f"median of {args.reps} interleaved repetitions of whole cycles, "
+        f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}"
+    )
+    header = f"{'case':26} {'inner':13} {'inner ms/step':>13} {'A/A':>7} {'lookahead':>10} {'floor':>8} {'vs floor':>9}"
     if third:
         header += f" {'torch_optimizer':>16}"
     print(header)
@@ -129,8 +132,10 @@ def main() -> None:
         for inner_name, make_inner in INNER.items():
             med = measure(cycle_timers(make_inner, n_tensors, size, args.tau), args.reps)
             ratio, floor = med["lookahead"], med["floor"]
-            line = (f"{case:26} {inner_name:13} {1e3 * med['inner seconds'] / args.tau:13.2f} "
-                    f"{med['inner (A/A)']:7.4f} {ratio:10.4f} {floor:8.4f} {100 * (ratio / floor - 1):+8.2f}%")
+            line = (
+                f"{case:26} {inner_name:13} {1e3 * med['inner seconds'] / args.tau:13.2f} "
+                f"{med['inner (A/A)']:7.4f} {ratio:10.4f} {floor:8.4f} {100 * (ratio / floor - 1):+8.2f}%"
+            )
             if third:
                 line += f" {med['torch_optimizer']:16.4f}"
             print(line, flush=True)

@@ -16,6 +16,7 @@ gathered and compared with the single-process reference
 :func:`lookahead_dist.verify.deviations`); the largest relative deviation must
 be within --tol (default 1e-10). Exit status 0 when every topology passes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,9 +104,12 @@ def main(argv=None) -> int:
             passed = max(dev) <= args.tol and placed
             ok &= passed
             if rank == 0:
-                print(f"{name:22} {topo.n} agents, push-sum {'yes' if topo.push_sum else 'no '}, {steps} steps: "
-                      f"largest deviation {max(dev):.3e}, buffers on {device.type}: {'yes' if placed else 'NO'} "
-                      f"-> {'ok' if passed else 'FAILED'}", flush=True)
+                print(
+                    f"{name:22} {topo.n} agents, push-sum {'yes' if topo.push_sum else 'no '}, {steps} steps: "
+                    f"largest deviation {max(dev):.3e}, buffers on {device.type}: {'yes' if placed else 'NO'} "
+                    f"-> {'ok' if passed else 'FAILED'}",
+                    flush=True,
+                )
         comm.close()
         dist.barrier()  # nobody tears the group down while a peer still reads
     finally:

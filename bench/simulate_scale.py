@@ -12,6 +12,7 @@ before running, so that freed (n, d) temporaries are reused instead of being
 returned to the kernel and page-faulted in again at every step; it changes
 nothing else. Times are wall-clock on a possibly shared machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ def one_peer_exponential(n: int) -> Schedule:
     for j in range(m):
         P = 0.5 * np.eye(n)
         for i in range(n):
-            P[i, (i + 2 ** j) % n] += 0.5
+            P[i, (i + 2**j) % n] += 0.5
         phases.append(P)
     return Schedule.cyclic(phases, name=f"one_peer_exponential({n})")
 
@@ -54,8 +55,9 @@ TOPOLOGIES = {"ring": ring, "one_peer_exponential": one_peer_exponential}
 def timed_run(n: int, d: int, steps: int, topology: str, noise: float, vectorized: bool, seed: int = 0):
     sched = TOPOLOGIES[topology](n)
     q = Quadratic(d=d, n=n, seed=seed, noise=noise)
-    ref = Reference(sched, ["fast"] * n, q.initial(), q,
-                    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), vectorized=vectorized)
+    ref = Reference(
+        sched, ["fast"] * n, q.initial(), q, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), vectorized=vectorized
+    )
     assert ref.vectorized is vectorized
     t0, c0 = time.perf_counter(), time.process_time()
     trace = ref.run(steps)
@@ -85,13 +87,17 @@ def main(argv=None) -> None:
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 1 << 30)
         libc.mallopt(m_trim_threshold, 1 << 30)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, "
-          f"malloc {'tuned' if args.tune_malloc else 'default'}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, "
+        f"malloc {'tuned' if args.tune_malloc else 'default'}"
+    )
 
     common = dict(d=args.dim, topology=args.topology, noise=args.noise)
     t, cpu = median_time(args.repeats, n=args.agents, steps=args.steps, vectorized=True, **common)
-    print(f"vectorized  n={args.agents:5d} d={args.dim} {args.topology} steps={args.steps}: median {t:6.2f} s wall "
-          f"({args.steps / t:5.1f} steps/s), {cpu:6.2f} s CPU")
+    print(
+        f"vectorized  n={args.agents:5d} d={args.dim} {args.topology} steps={args.steps}: median {t:6.2f} s wall "
+        f"({args.steps / t:5.1f} steps/s), {cpu:6.2f} s CPU"
+    )
 
     small = dict(n=args.small_agents, steps=args.small_steps, **common)
     k = args.small_steps
@@ -99,11 +105,16 @@ def main(argv=None) -> None:
     for vec in (False, True):
         times[vec] = median_time(args.repeats, vectorized=vec, **small)
         name = "vectorized" if vec else "per-agent"
-        print(f"{name:10s}  n={args.small_agents:5d} d={args.dim} {args.topology} steps={k}: "
-              f"median {times[vec][0]:6.2f} s wall ({k / times[vec][0]:5.1f} steps/s), {times[vec][1]:6.2f} s CPU")
+        print(
+            f"{name:10s}  n={args.small_agents:5d} d={args.dim} {args.topology} steps={k}: "
+            f"median {times[vec][0]:6.2f} s wall ({k / times[vec][0]:5.1f} steps/s), {times[vec][1]:6.2f} s CPU"
+        )
     diff = (timed_run(vectorized=False, **small)[2].X[k] - timed_run(vectorized=True, **small)[2].X[k]).abs().max()
-    print(f"per-agent / vectorized: {times[False][0] / times[True][0]:.1f}x wall, "
-          f"{times[False][1] / times[True][1]:.1f}x CPU; max |difference| of the final models {diff.item():.2e}")
+    print(
+        f"per-agent / vectorized: {times[False][0] / times[True][0]:.1f}x wall, "
+        f"{times[False][1] / times[True][1]:.1f}x CPU; max |difference| of the final models {diff.item():.2e}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,7 @@ a model).
 
     python bench/slowmo.py [--rounds 9] [--window 12] [--batch 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,13 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
     comm = Comm(heartbeat=0)
     shape = (cfg["d_in"], cfg["hidden"], cfg["layers"], cfg["classes"])
     g = torch.Generator().manual_seed(1000 + rank)
-    batches = [(torch.randn(cfg["batch"], cfg["d_in"], generator=g),
-                torch.randint(cfg["classes"], (cfg["batch"],), generator=g)) for _ in range(8)]
+    batches = [
+        (
+            torch.randn(cfg["batch"], cfg["d_in"], generator=g),
+            torch.randint(cfg["classes"], (cfg["batch"],), generator=g),
+        )
+        for _ in range(8)
+    ]
 
     def sgd(model):
         return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
@@ -108,8 +114,14 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
             times[name].append(window(name))
     params = sum(p.numel() for p in runs[names[0]][0].parameters())
     comm.close()
-    return {"times": times, "params": params, "sgp_bytes": sgp.bytes_sent, "sgp_steps": step_no[names[2]],
-            "local_bytes": local.bytes_sent, "local_steps": step_no[names[1]]}
+    return {
+        "times": times,
+        "params": params,
+        "sgp_bytes": sgp.bytes_sent,
+        "sgp_steps": step_no[names[2]],
+        "local_bytes": local.bytes_sent,
+        "local_steps": step_no[names[1]],
+    }
 
 
 def report(results: list[dict], cfg: dict) -> bool:
@@ -130,17 +142,19 @@ def report(results: list[dict], cfg: dict) -> bool:
         names[2]: (sgp, "SlowMo.bytes_sent: gossip every step + the slow all-reduce / tau"),
         names[3]: (allreduce, "2 (p-1)/p x gradient bytes"),
     }
-    print(f"{world} gloo ranks, MLP {cfg['d_in']}-{cfg['hidden']}x{cfg['layers']}-{cfg['classes']}: "
-          f"{first['params'] / 1e6:.2f}M float32 parameters ({pbytes / 2 ** 20:.1f} MiB), batch {cfg['batch']} "
-          f"per rank, SGD lr {LR} momentum {MOMENTUM}; windows of {cfg['window']} steps in rotation, "
-          f"median of {rounds} rounds, slowest rank counts")
+    print(
+        f"{world} gloo ranks, MLP {cfg['d_in']}-{cfg['hidden']}x{cfg['layers']}-{cfg['classes']}: "
+        f"{first['params'] / 1e6:.2f}M float32 parameters ({pbytes / 2**20:.1f} MiB), batch {cfg['batch']} "
+        f"per rank, SGD lr {LR} momentum {MOMENTUM}; windows of {cfg['window']} steps in rotation, "
+        f"median of {rounds} rounds, slowest rank counts"
+    )
     print(f"{'variant':30} {'samples/s':>10} {'vs ceiling':>11} {'MiB sent/rank/step':>19}  traffic")
     ok = True
     for n in names:
         rate = samples / statistics.median(per_round[n])
         ratio = statistics.median(c / t for t, c in zip(per_round[n], per_round[ceiling]))
         mib, how = traffic[n]
-        line = f"{n:30} {rate:10.1f} {ratio:11.3f} {mib / 2 ** 20:19.2f}  {how}"
+        line = f"{n:30} {rate:10.1f} {ratio:11.3f} {mib / 2**20:19.2f}  {how}"
         if n == names[1]:
             met = ratio >= TARGET_LOCAL
             ok &= met

@@ -9,6 +9,7 @@ recommended by the bound against the best alpha of the grid.
 
     python bench/theorem2.py --K 10000 --seeds 20 --out theorem2.csv
 """
+
 import argparse
 import csv
 import math
@@ -41,17 +42,20 @@ def main(argv=None):
     problem = th.RippledQuadratic()
     f_gap = float(problem.value(problem.default_start())) - problem.f_inf
     L, sigma2, K, seeds = problem.L, args.sigma2, args.K, range(args.seeds)
-    print(f"f(x) = sum_i [x_i^2/2 - cos(2 x_i)], d={problem.d}, L={L:g}, "
-          f"min curvature={problem.min_curvature:g}, f_gap={f_gap:.4f}, sigma2={sigma2:g}, "
-          f"K={K}, seeds={args.seeds}")
+    print(
+        f"f(x) = sum_i [x_i^2/2 - cos(2 x_i)], d={problem.d}, L={L:g}, "
+        f"min curvature={problem.min_curvature:g}, f_gap={f_gap:.4f}, sigma2={sigma2:g}, "
+        f"K={K}, seeds={args.seeds}"
+    )
 
     def measure(alpha, tau, gamma):
         runs = th.empirical_gradient_norm(alpha, tau, gamma, K, seeds, sigma2=sigma2)
         return runs.mean(), runs.std(ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else float("nan")
 
     rows = []
-    header = f"{'alpha':>6} {'tau':>4} {'gamma':>6} {'(13)':>8} {'empirical':>10} {'+-se':>7} " \
-             f"{'bound(14)':>10} {'ratio':>6}"
+    header = (
+        f"{'alpha':>6} {'tau':>4} {'gamma':>6} {'(13)':>8} {'empirical':>10} {'+-se':>7} {'bound(14)':>10} {'ratio':>6}"
+    )
     print(header)
     start = time.perf_counter()
     for tau in args.taus:
@@ -63,18 +67,28 @@ def main(argv=None):
                     continue
                 emp, se = measure(alpha, tau, gamma)
                 b = th.bound(alpha, gamma, L, sigma2, tau, K, f_gap)
-                rows.append(dict(alpha=alpha, tau=tau, gamma=gamma, cond13=cond, empirical=emp,
-                                 stderr=se, bound14=b, ratio=emp / b))
-                print(f"{alpha:6.3f} {tau:4d} {gamma:6.3f} {cond:8.4f} {emp:10.4f} {se:7.4f} "
-                      f"{b:10.4f} {emp / b:6.3f}")
+                rows.append(
+                    dict(
+                        alpha=alpha,
+                        tau=tau,
+                        gamma=gamma,
+                        cond13=cond,
+                        empirical=emp,
+                        stderr=se,
+                        bound14=b,
+                        ratio=emp / b,
+                    )
+                )
+                print(f"{alpha:6.3f} {tau:4d} {gamma:6.3f} {cond:8.4f} {emp:10.4f} {se:7.4f} {b:10.4f} {emp / b:6.3f}")
     worst = max(r["ratio"] for r in rows) if rows else float("nan")
-    print(f"max ratio empirical / bound = {worst:.3f} (Theorem 2 says <= 1)  "
-          f"[{time.perf_counter() - start:.1f} s]")
+    print(f"max ratio empirical / bound = {worst:.3f} (Theorem 2 says <= 1)  [{time.perf_counter() - start:.1f} s]")
 
     print()
     print("recommended alpha (minimizes bound (14) under (13)) vs the grid:")
-    print(f"{'tau':>4} {'gamma':>6} {'recommended':>11} {'emp@rec':>8} {'bound@rec':>9} "
-          f"{'best grid (emp)':>15} {'emp':>8} {'best grid (bound)':>17} {'bound':>8}")
+    print(
+        f"{'tau':>4} {'gamma':>6} {'recommended':>11} {'emp@rec':>8} {'bound@rec':>9} "
+        f"{'best grid (emp)':>15} {'emp':>8} {'best grid (bound)':>17} {'bound':>8}"
+    )
     for tau in args.taus:
         for gamma in args.gammas:
             cell = [r for r in rows if r["tau"] == tau and r["gamma"] == gamma]
@@ -84,9 +98,11 @@ def main(argv=None):
             emp_rec, _ = measure(rec, tau, gamma)
             by_emp = min(cell, key=lambda r: r["empirical"])
             by_bound = min(cell, key=lambda r: r["bound14"])
-            print(f"{tau:4d} {gamma:6.3f} {rec:11.4f} {emp_rec:8.4f} "
-                  f"{th.bound(rec, gamma, L, sigma2, tau, K, f_gap):9.4f} {by_emp['alpha']:15.3f} "
-                  f"{by_emp['empirical']:8.4f} {by_bound['alpha']:17.3f} {by_bound['bound14']:8.4f}")
+            print(
+                f"{tau:4d} {gamma:6.3f} {rec:11.4f} {emp_rec:8.4f} "
+                f"{th.bound(rec, gamma, L, sigma2, tau, K, f_gap):9.4f} {by_emp['alpha']:15.3f} "
+                f"{by_emp['empirical']:8.4f} {by_bound['alpha']:17.3f} {by_bound['bound14']:8.4f}"
+            )
 
     if args.out:
         with open(args.out, "w", newline="") as fh:

@@ -1,10 +1,11 @@
 """Train with any algorithm of lookahead_dist, one worker per rank.
 
-    torchrun --standalone --nproc_per_node=4 launch/train.py                  # the default: digits, SlowMo on a ring
-    torchrun --standalone --nproc_per_node=4 launch/train.py --config launch/configs/digits_gossip.yaml
-    python launch/train.py --set steps=200 --set optim.lr=0.05                # one process
-    torchrun ... launch/train.py --out runs/a --resume                        # continue from the last checkpoint
+torchrun --standalone --nproc_per_node=4 launch/train.py                  # the default: digits, SlowMo on a ring
+torchrun --standalone --nproc_per_node=4 launch/train.py --config launch/configs/digits_gossip.yaml
+python launch/train.py --set steps=200 --set optim.lr=0.05                # one process
+torchrun ... launch/train.py --out runs/a --resume                        # continue from the last checkpoint
 """
+
 import argparse
 import os
 import sys
@@ -18,8 +19,14 @@ from lookahead_dist.train.trainer import train
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config (YAML); default: the built-in digits run")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config value, e.g. --set optim.lr=0.05 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set optim.lr=0.05 (repeatable)",
+    )
     parser.add_argument("--out", help="run directory (default: runs/<name or timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 Every algorithm is a sequence of column-stochastic mixing matrices P_k applied
 to a set of agents, X_{k+1} = (X_k - G_k) P_k (Wang et al., eq. 4).
 """
+
 from lookahead_dist import comm
 from lookahead_dist.decentralized import Decentralized, run_passive
 from lookahead_dist.errors import (
@@ -28,6 +29,7 @@ def __getattr__(name):
 
         return getattr(topology, name)
     raise AttributeError(f"module 'lookahead_dist' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError",

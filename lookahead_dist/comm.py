@@ -17,6 +17,7 @@ them all before finalization starts. The same hook frees a destroyed group that
 torch still holds (see :func:`release_destroyed_groups`), whose gloo threads
 would otherwise abort the process the same way.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -120,10 +121,14 @@ def init_process_group(backend: str | None = None, timeout_s: float = 300.0, **k
         # torchrun's agent keeps one store across restarts of the worker group; without a prefix per
         # attempt a restarted group reads the dead group's addresses and hangs or is refused in connect.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                              is_master=False, timeout=timeout)
-        kw.update(store=dist.PrefixStore(f"lookahead_dist/attempt_{attempt}", store),
-                  rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+        )
+        kw.update(
+            store=dist.PrefixStore(f"lookahead_dist/attempt_{attempt}", store),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
     dist.init_process_group(backend=backend, timeout=timeout, **kw)
 
 
@@ -134,8 +139,9 @@ def init_single_process_group(backend: str = "gloo", timeout_s: float = 300.0) -
 
 def host_store(timeout_s: float = 60.0):
     """A TCP store served by this process on a free loopback port (``.port``), for a local process group."""
-    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
 
 
 def join_local_group(port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 60.0) -> None:
@@ -307,13 +313,12 @@ class Comm:
             if not lost and peers is not None:
                 lost = [r for r in self.lost_peers(None)]
             who = (
-                f"lost peer rank(s) {lost}" if lost
+                f"lost peer rank(s) {lost}"
+                if lost
                 else f"no peer was found dead (peers of this step: {peers if peers is not None else 'all'})"
             )
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CommError(
-                f"rank {self.rank}: {what} failed: {who}; backend said: {first}"
-            ) from exc
+            raise CommError(f"rank {self.rank}: {what} failed: {who}; backend said: {first}") from exc
 
     # -- primitives -------------------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor, ranks: Sequence[int]) -> None:

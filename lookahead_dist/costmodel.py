@@ -78,6 +78,7 @@ reaches the shaped rate (messages much longer than the token bucket's burst);
 inter-node messages of different nodes do not meet in the network core (a
 non-blocking switch). Pure NumPy; no process is started.
 """
+
 from __future__ import annotations
 
 import math
@@ -170,8 +171,9 @@ def usable_bandwidth(rate_bits: float, wire_fraction: float = WIRE_FRACTION) -> 
     return rate_bits / 8 * wire_fraction
 
 
-def ring_allreduce_time(nbytes: float, p: int, bytes_per_s: float, step_latency_s: float = 0.0,
-                        hops_per_link: int = 1) -> float:
+def ring_allreduce_time(
+    nbytes: float, p: int, bytes_per_s: float, step_latency_s: float = 0.0, hops_per_link: int = 1
+) -> float:
     """2 (p - 1)/p x nbytes / bytes_per_s x hops_per_link + 2 (p - 1) x step_latency_s; 0 for p = 1."""
     if p <= 1:
         return 0.0
@@ -197,11 +199,18 @@ class RankTraffic:
 
     def shifted(self, by: int, world: int) -> "RankTraffic":
         """The traffic of rank ``rank + by`` under the symmetry r -> r + by (mod world) of the schedule."""
+
         def s(r):
             return (r + by) % world
+
         groups = tuple(g if len(g) == world else tuple(sorted(s(r) for r in g)) for g in self.allreduces)
-        return RankTraffic(s(self.rank), tuple(sorted((s(p), b) for p, b in self.sends)),
-                           tuple(sorted((s(p), b) for p, b in self.recvs)), groups, self.combine_bytes)
+        return RankTraffic(
+            s(self.rank),
+            tuple(sorted((s(p), b) for p, b in self.sends)),
+            tuple(sorted((s(p), b) for p, b in self.recvs)),
+            groups,
+            self.combine_bytes,
+        )
 
 
 def rank_traffic(plan: Plan, buffer_bytes: int) -> RankTraffic:
@@ -286,8 +295,9 @@ def _allreduce_shape(group: tuple[int, ...], nbytes: int, rpn: int, links: Links
         algo = "hierarchical" if c > 1 else "ring"
     if algo == "hierarchical":
         per_node = 2 * (m - 1) / m * nbytes
-        rest = (ring_allreduce_time(nbytes, c, links.intra_bytes_per_s, links.op_overhead_s)
-                + 2 * (m - 1) * (links.latency_s + links.op_overhead_s))
+        rest = ring_allreduce_time(nbytes, c, links.intra_bytes_per_s, links.op_overhead_s) + 2 * (m - 1) * (
+            links.latency_s + links.op_overhead_s
+        )
         return {u: per_node for u in nodes}, rest
     load: dict[int, float] = {}
     for a, b in zip(group, group[1:] + group[:1]):  # the ring in rank order: each hop carries 2 (p - 1)/p x bytes
@@ -337,15 +347,20 @@ def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: in
             inter = max([egress[u], ingress[u]] + [egress[v] for v in senders[t.rank]]) / B
             intra = intra_sent[t.rank] / links.intra_bytes_per_s
             crosses = any(p // rpn != u for p, _ in t.sends + t.recvs)
-            comm[t.rank] += (max(inter, intra) + (links.latency_s if crosses else 0.0)
-                             + links.op_overhead_s * (len(t.sends) + len(t.recvs)))
+            comm[t.rank] += (
+                max(inter, intra)
+                + (links.latency_s if crosses else 0.0)
+                + links.op_overhead_s * (len(t.sends) + len(t.recvs))
+            )
         sent[t.rank] += sum(b for _, b in t.sends)
         combine[t.rank] = t.combine_bytes / links.memory_bytes_per_s
     cpu_limited = False
     if links.cpu_bytes_per_s is not None and (total_bytes or ar_bytes or intra_bytes):
-        cpu_s = (total_bytes / links.cpu_bytes_per_s
-                 + ar_bytes / (links.cpu_allreduce_bytes_per_s or links.cpu_bytes_per_s)
-                 + intra_bytes / (links.cpu_intra_bytes_per_s or links.cpu_bytes_per_s))
+        cpu_s = (
+            total_bytes / links.cpu_bytes_per_s
+            + ar_bytes / (links.cpu_allreduce_bytes_per_s or links.cpu_bytes_per_s)
+            + intra_bytes / (links.cpu_intra_bytes_per_s or links.cpu_bytes_per_s)
+        )
         active = comm > 0
         cpu_limited = bool(np.any(comm[active] < cpu_s))
         big, small = np.maximum(comm[active], cpu_s), np.minimum(comm[active], cpu_s)
@@ -391,8 +406,9 @@ class ScheduleCost:
         return any(p.cpu_limited for p in self.phases)
 
 
-def schedule_cost(schedule: Schedule, placement, buffer_bytes: int, links: Links, ranks_per_node: int = 1,
-                  cache: dict | None = None) -> ScheduleCost:
+def schedule_cost(
+    schedule: Schedule, placement, buffer_bytes: int, links: Links, ranks_per_node: int = 1, cache: dict | None = None
+) -> ScheduleCost:
     """Predicted cost of every phase of ``schedule`` with agents of ``buffer_bytes`` placed by ``placement``."""
     if not isinstance(ranks_per_node, int) or isinstance(ranks_per_node, bool) or ranks_per_node < 1:
         raise ConfigError(f"ranks_per_node: must be an integer >= 1, got {ranks_per_node!r}")
@@ -418,8 +434,9 @@ def step_times(compute_s: float, comm_s: float, combine_s: float = 0.0) -> tuple
     return compute_s + comm_s + combine_s, max(compute_s, comm_s) + combine_s
 
 
-def steps_to_consensus(rate_per_step: float, eps: float = 1e-3, period: int = 1,
-                       period_rate: float | None = None) -> float:
+def steps_to_consensus(
+    rate_per_step: float, eps: float = 1e-3, period: int = 1, period_rate: float | None = None
+) -> float:
     """Steps until the consensus distance is below ``eps`` (relative to the start), for rate rho per step.
 
     ceil(log eps / log rho); ``period`` steps when the period product averages exactly (``period_rate``

@@ -15,6 +15,7 @@ With push-sum the model holds the de-biased z = x / w between steps: the
 gradient is taken at z, the base update is subtracted from the numerator
 x = z w, the numerators and weights are mixed, and z = x / w is restored.
 """
+
 from __future__ import annotations
 
 import os
@@ -166,9 +167,7 @@ class Decentralized(WrapperOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         own = state_dict["decentralized"]
         if own.get("fingerprint") != self.topology.fingerprint():
-            raise ConfigError(
-                f"checkpoint was written for another topology than {self.topology.source}"
-            )
+            raise ConfigError(f"checkpoint was written for another topology than {self.topology.source}")
         step_count = saved_step_count(own, "Decentralized.load_state_dict")
         self.optimizer.load_state_dict(state_dict["inner"])
         self.step_count = step_count
@@ -182,8 +181,10 @@ class Decentralized(WrapperOptimizer):
         return self.engine.bytes_sent
 
     def __repr__(self) -> str:
-        return (f"Decentralized({self.topology.name}, rank={self.comm.rank}, agent={self.fast_agent}, "
-                f"push_sum={self.push_sum}, inner={type(self.optimizer).__name__})")
+        return (
+            f"Decentralized({self.topology.name}, rank={self.comm.rank}, agent={self.fast_agent}, "
+            f"push_sum={self.push_sum}, inner={type(self.optimizer).__name__})"
+        )
 
 
 def run_passive(opt: Decentralized, steps: int) -> None:

@@ -19,6 +19,7 @@ arithmetic and travels in the same message.
 sum_r w_r x_r / sum_r w_r, that finalising a run, SlowMo's slow step and an
 evaluation model all use.
 """
+
 from __future__ import annotations
 
 import torch
@@ -256,4 +257,3 @@ class MixingEngine:
                 kinds.append("local")
             lines.append(f"  phase {idx} x{ph.repeat}: " + ("; ".join(kinds) or "nothing"))
         return "\n".join(lines)
-

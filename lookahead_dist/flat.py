@@ -10,6 +10,7 @@ A push-sum agent carries its weight w as one trailing element of its first
 buffer (``flatten_module(..., weight_slot=True)``), so the weight travels and
 mixes with the parameters; :func:`without_weight` gives the views without it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -116,9 +117,9 @@ def flatten_tensors(named: Iterable[tuple[str, torch.Tensor]], extra: int = 0) -
         offset = 0
         for _, t in items:
             n = t.numel()
-            buf[offset:offset + n].copy_(t.detach().reshape(-1))
+            buf[offset : offset + n].copy_(t.detach().reshape(-1))
             with torch.no_grad():
-                t.data = buf[offset:offset + n].view_as(t)
+                t.data = buf[offset : offset + n].view_as(t)
             offset += n
         groups.append(FlatGroup(buf, [t for _, t in items], [nm for nm, _ in items]))
     return groups
@@ -134,9 +135,11 @@ def flatten_module(module: torch.nn.Module, *, buffers: bool = True, weight_slot
     first parameter buffer.
     """
     params = flatten_tensors(module.named_parameters(), extra=1 if weight_slot else 0)
-    bufs = flatten_tensors(
-        (name, b) for name, b in module.named_buffers() if b is not None and b.is_floating_point()
-    ) if buffers else []
+    bufs = (
+        flatten_tensors((name, b) for name, b in module.named_buffers() if b is not None and b.is_floating_point())
+        if buffers
+        else []
+    )
     if weight_slot:
         params[0].buffer[-1] = 1.0
     return FlatState(params, bufs, weight_slot)

@@ -17,6 +17,7 @@ symmetric and doubly stochastic, so their invariant vector is a = 1/n.
 >>> GENERATORS["torus"].signature()
 'torus(rows: int, cols: int)'
 """
+
 from __future__ import annotations
 
 import math
@@ -92,8 +93,12 @@ def _n(gen: str, n) -> int:
 def _agents(gen: str, key: str, value, size: int) -> int:
     """``size`` agents, refused above :data:`MAX_AGENTS` before anything of that size is built."""
     if size > MAX_AGENTS:
-        raise _error(gen, key, value, f"{size} agents exceed the limit MAX_AGENTS = {MAX_AGENTS} "
-                     "(dense n x n matrices and O(n^3) checks)")
+        raise _error(
+            gen,
+            key,
+            value,
+            f"{size} agents exceed the limit MAX_AGENTS = {MAX_AGENTS} (dense n x n matrices and O(n^3) checks)",
+        )
     return size
 
 
@@ -316,8 +321,12 @@ def edge_matrix(n: int, edges, push_sum: bool = False, undirected: bool = False)
     for e in edges:
         i, j = e[0], e[1]
         if (i, j) in seen:
-            raise _error("edges", None, None, f"duplicate edge {i} -> {j}"
-                         + (" (undirected: true adds every reverse edge)" if undirected else ""))
+            raise _error(
+                "edges",
+                None,
+                None,
+                f"duplicate edge {i} -> {j}" + (" (undirected: true adds every reverse edge)" if undirected else ""),
+            )
         seen.add((i, j))
         src, dst = (j, i) if push_sum else (i, j)
         if src == dst:
@@ -335,8 +344,13 @@ def edge_matrix(n: int, edges, push_sum: bool = False, undirected: bool = False)
             s = float(P[:, j].sum())
             if s > 1 + 1e-9:
                 word = "row" if push_sum else "column"
-                raise _error("edges", None, None, f"{word} {j}: the weights of agent {j} sum to {s!r} > 1, "
-                             "so its self-weight 1 - sum would be negative")
+                raise _error(
+                    "edges",
+                    None,
+                    None,
+                    f"{word} {j}: the weights of agent {j} sum to {s!r} > 1, "
+                    "so its self-weight 1 - sum would be negative",
+                )
             P[j, j] = max(0.0, 1.0 - s)
     return P.T.copy() if push_sum else P
 
@@ -391,8 +405,12 @@ def _fill_pair(gen: str, a: str, b: str, params: dict, n: Optional[int], pick) -
             raise _error(gen, a, x, f"{a} * {b} = {x} * {y} = {x * y} does not match the {n} agents")
         return params
     if n is None:
-        raise _error(gen, a if not have_a else b, None, "the number of agents is unknown: give both "
-                     f"{a} and {b}, agents, or a world size")
+        raise _error(
+            gen,
+            a if not have_a else b,
+            None,
+            f"the number of agents is unknown: give both {a} and {b}, agents, or a world size",
+        )
     if not have_a and not have_b:
         params[a], params[b] = pick(n)
         return params
@@ -448,8 +466,7 @@ class Generator:
         known = {p.name: p for p in self.params}
         for key in params:
             if key not in known:
-                raise _error(self.name, key, params[key],
-                             f"unknown parameter; {self.name} takes {self.signature()}")
+                raise _error(self.name, key, params[key], f"unknown parameter; {self.name} takes {self.signature()}")
         params = self.fill(dict(params), n)
         args = {}
         for p in self.params:
@@ -474,19 +491,35 @@ GENERATORS: dict[str, Generator] = {
     g.name: g
     for g in (
         _reg("ring", ring, _N, True, lambda p, n: _fill_n("ring", p, n)),
-        _reg("torus", torus, (Param("rows", int), Param("cols", int)), True,
-             lambda p, n: _fill_pair("torus", "rows", "cols", p, n, _torus_shape)),
+        _reg(
+            "torus",
+            torus,
+            (Param("rows", int), Param("cols", int)),
+            True,
+            lambda p, n: _fill_pair("torus", "rows", "cols", p, n, _torus_shape),
+        ),
         _reg("complete", complete, _N, True, lambda p, n: _fill_n("complete", p, n)),
         _reg("star", star, _N, True, lambda p, n: _fill_n("star", p, n)),
         _reg("hypercube", hypercube, _N, True, lambda p, n: _fill_n("hypercube", p, n)),
         _reg("exponential", exponential, _N, True, lambda p, n: _fill_n("exponential", p, n)),
-        _reg("one_peer_exponential", one_peer_exponential, _N, False,
-             lambda p, n: _fill_n("one_peer_exponential", p, n)),
-        _reg("two_agent", two_agent, (Param("alpha", float, 0.5), Param("tau", int, 5)), False, _fill_two,
-             roles=("fast", "slow")),
-        _reg("hierarchical", hierarchical,
-             (Param("nodes", int), Param("per_node", int), Param("inter", str, "ring")), False,
-             lambda p, n: _fill_pair("hierarchical", "nodes", "per_node", p, n, _hier_shape)),
+        _reg(
+            "one_peer_exponential", one_peer_exponential, _N, False, lambda p, n: _fill_n("one_peer_exponential", p, n)
+        ),
+        _reg(
+            "two_agent",
+            two_agent,
+            (Param("alpha", float, 0.5), Param("tau", int, 5)),
+            False,
+            _fill_two,
+            roles=("fast", "slow"),
+        ),
+        _reg(
+            "hierarchical",
+            hierarchical,
+            (Param("nodes", int), Param("per_node", int), Param("inter", str, "ring")),
+            False,
+            lambda p, n: _fill_pair("hierarchical", "nodes", "per_node", p, n, _hier_shape),
+        ),
     )
 }
 

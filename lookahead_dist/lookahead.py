@@ -30,6 +30,7 @@ Example::
     >>> opt.step_count
     10
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,15 @@ from lookahead_dist.errors import ConfigError
 from lookahead_dist.optim_utils import WrapperOptimizer
 from lookahead_dist.validation import check_choice, check_lookahead_alpha, check_tau
 
-__all__ = ["FIRST_MOMENT_KEYS", "PULLBACK_MODES", "Lookahead", "lookahead_sync_",
-           "pullback_momentum_", "reset_momentum_", "slow_dtype"]
+__all__ = [
+    "FIRST_MOMENT_KEYS",
+    "PULLBACK_MODES",
+    "Lookahead",
+    "lookahead_sync_",
+    "pullback_momentum_",
+    "reset_momentum_",
+    "slow_dtype",
+]
 
 PULLBACK_MODES = ("none", "reset", "pullback")
 
@@ -88,9 +96,7 @@ def _multi_tensor_sync_(fast: list[Tensor], slow: list[Tensor], alpha: float) ->
 
 
 @torch.no_grad()
-def lookahead_sync_(
-    fast: list[Tensor], slow: list[Tensor], alpha: float, *, foreach: Optional[bool] = None
-) -> None:
+def lookahead_sync_(fast: list[Tensor], slow: list[Tensor], alpha: float, *, foreach: Optional[bool] = None) -> None:
     """One Lookahead sync, in place: X <- X a 1^T with a = [alpha, 1 - alpha]^T (eq. 5).
 
     For every pair, ``z <- z + alpha (x - z)`` then ``x <- z``. ``slow[i]`` may
@@ -139,9 +145,11 @@ def pullback_momentum_(
 
 def _check_args(tau: Any, alpha: Any, pullback: Any) -> tuple[int, float, str]:
     """Validated (tau, alpha, pullback); a :class:`ConfigError` names the argument, rule and value."""
-    return (check_tau(tau, "Lookahead: tau (inner steps between syncs)"),
-            check_lookahead_alpha(alpha, "Lookahead: alpha (slow step size)"),
-            check_choice(pullback, "Lookahead: pullback", PULLBACK_MODES))
+    return (
+        check_tau(tau, "Lookahead: tau (inner steps between syncs)"),
+        check_lookahead_alpha(alpha, "Lookahead: alpha (slow step size)"),
+        check_choice(pullback, "Lookahead: pullback", PULLBACK_MODES),
+    )
 
 
 def _first_moment_key(optimizer: torch.optim.Optimizer, groups: list[dict], pullback: str) -> Optional[str]:
@@ -185,11 +193,15 @@ def _check_params(groups: list[dict], where: str) -> None:
 def _check_saved(params: dict[int, Tensor], saved: dict, name: str) -> None:
     for i, value in saved.items():
         if i not in params:
-            raise ConfigError(f"Lookahead.load_state_dict: state_dict['lookahead']['{name}'] has index {i!r}, "
-                              f"but the optimizer's parameter indices are 0..{len(params) - 1}")
+            raise ConfigError(
+                f"Lookahead.load_state_dict: state_dict['lookahead']['{name}'] has index {i!r}, "
+                f"but the optimizer's parameter indices are 0..{len(params) - 1}"
+            )
         if tuple(value.shape) != tuple(params[i].shape):
-            raise ConfigError(f"Lookahead.load_state_dict: state_dict['lookahead']['{name}'][{i}] must have "
-                              f"the parameter's shape {tuple(params[i].shape)}, got {tuple(value.shape)}")
+            raise ConfigError(
+                f"Lookahead.load_state_dict: state_dict['lookahead']['{name}'][{i}] must have "
+                f"the parameter's shape {tuple(params[i].shape)}, got {tuple(value.shape)}"
+            )
 
 
 class _DtypeBuckets:
@@ -205,8 +217,7 @@ class _DtypeBuckets:
             return False
         if any(g["params"] is not ps or len(ps) != n for g, (ps, n) in zip(groups, self.param_lists)):
             return False
-        return all(x.device == device and x.dtype == dtype
-                   for device, dtype, _, fast, _ in self.buckets for x in fast)
+        return all(x.device == device and x.dtype == dtype for device, dtype, _, fast, _ in self.buckets for x in fast)
 
 
 class Lookahead(WrapperOptimizer):
@@ -272,8 +283,15 @@ class Lookahead(WrapperOptimizer):
     bare inner optimizer loads.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, tau: int = 5, alpha: float = 0.5,
-                 pullback: str = "none", *, foreach: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        tau: int = 5,
+        alpha: float = 0.5,
+        pullback: str = "none",
+        *,
+        foreach: Optional[bool] = None,
+    ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"Lookahead: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not (foreach is None or isinstance(foreach, bool)):
@@ -426,8 +444,12 @@ class Lookahead(WrapperOptimizer):
         self._current_buckets()  # slow weights exist and sit beside their parameters
         params = self._param_index()
         own: dict[str, Any] = {
-            "tau": self.tau, "alpha": self.alpha, "pullback": self.pullback, "step_count": self.step_count,
-            "slow_params": {i: self.slow_state[p]["slow_param"] for i, p in params.items()}}
+            "tau": self.tau,
+            "alpha": self.alpha,
+            "pullback": self.pullback,
+            "step_count": self.step_count,
+            "slow_params": {i: self.slow_state[p]["slow_param"] for i, p in params.items()},
+        }
         if self.pullback == "pullback":
             own["momentum_snapshots"] = {i: self.slow_state[p]["momentum_snapshot"] for i, p in params.items()}
         state_dict = dict(self.optimizer.state_dict())

@@ -10,6 +10,7 @@ holds how agent i splits its mass among the receivers, so X_k 1 is preserved.
 
 Everything here is float64 NumPy; nothing touches torch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,9 +56,7 @@ def as_matrix(P, name: str = "P") -> np.ndarray:
             raise MixingError(f"{name}: every row must be a list of numbers, got {P!r}")
         if len(set(lengths)) > 1:
             bad = next(i for i, length in enumerate(lengths) if length != lengths[0])
-            raise MixingError(
-                f"{name}: ragged matrix: row 0 has {lengths[0]} entries but row {bad} has {lengths[bad]}"
-            )
+            raise MixingError(f"{name}: ragged matrix: row 0 has {lengths[0]} entries but row {bad} has {lengths[bad]}")
     try:
         kind = np.asarray(P).dtype.kind
     except (TypeError, ValueError):
@@ -94,8 +93,11 @@ def _check_entries(M: np.ndarray, name: str) -> None:
 
 
 _SUM_RULES = {
-    0: ("column", "column {i} holds the weights agent {i} takes from every agent, so it must sum to 1 "
-                  "(declare push_sum for a row-stochastic matrix)"),
+    0: (
+        "column",
+        "column {i} holds the weights agent {i} takes from every agent, so it must sum to 1 "
+        "(declare push_sum for a row-stochastic matrix)",
+    ),
     1: ("row", "in a push-sum matrix row {i} is how agent {i} splits its mass, so it must sum to 1"),
 }
 

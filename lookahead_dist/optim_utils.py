@@ -9,6 +9,7 @@ rate and ``add_param_group`` reaches the inner optimizer.
 Every wrapper counts its optimizer steps in ``step_count`` and saves the
 count under the checkpoint key ``"step_count"``.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -30,8 +31,12 @@ def saved_step_count(own: dict, where: str) -> int:
     if STEP_KEY in own:
         return int(own[STEP_KEY])
     if "step" in own:
-        warnings.warn(f"{where}: the checkpoint stores its step counter under the former key 'step'; "
-                      f"saving it again writes {STEP_KEY!r}", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{where}: the checkpoint stores its step counter under the former key 'step'; "
+            f"saving it again writes {STEP_KEY!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         return int(own["step"])
     raise ConfigError(f"{where}: the checkpoint has no step counter ({STEP_KEY!r}); its keys are {sorted(own)}")
 

@@ -18,6 +18,7 @@ The blocks are the connected components of P's graph (i ~ j when P[i, j] != 0).
 Everything here is pure Python/NumPy, the same on every rank, so plans are
 compiled once per distinct phase and cached by the engine.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

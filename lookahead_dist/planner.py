@@ -19,6 +19,7 @@ that use the same matrix; consensus rates of circulant (block-circulant for the 
 from the DFT of one column, so no n x n eigendecomposition is needed. Building the n x n matrices is
 still dense: 1024 ranks take seconds, 4096 about a minute and 256 MB per matrix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,18 @@ from lookahead_dist.errors import ConfigError, TopologyError
 from lookahead_dist.generators import GENERATORS
 from lookahead_dist.mixing import Phase, Schedule
 
-__all__ = ["Row", "plan_rows", "recommend", "format_table", "parse_count", "parse_rate", "parse_time",
-           "consensus_rate_fast", "scaling_plot", "main"]
+__all__ = [
+    "Row",
+    "plan_rows",
+    "recommend",
+    "format_table",
+    "parse_count",
+    "parse_rate",
+    "parse_time",
+    "consensus_rate_fast",
+    "scaling_plot",
+    "main",
+]
 
 TAUS = (4, 12, 48)
 SLOWMO_TAUS = (12, 48)
@@ -77,9 +88,7 @@ def _parse(text, units: dict, name: str, example: str, default_unit: str | None 
         if m and not unit and default_unit is not None:
             unit = default_unit
         if not m or unit not in units:
-            raise ConfigError(
-                f"{name}: {text!r} is not understood; write e.g. {example} (units: {', '.join(units)})"
-            )
+            raise ConfigError(f"{name}: {text!r} is not understood; write e.g. {example} (units: {', '.join(units)})")
         value = float(m.group(1)) * units[unit]
     if not math.isfinite(value):
         raise ConfigError(f"{name}: must be finite, got {text!r}")
@@ -139,7 +148,7 @@ def consensus_rate_fast(phases, shape: tuple[int, ...] | None = None) -> float:
         eig = _dft_eigs(ph.matrix, shape)
         if eig is None:
             return Schedule(phases).consensus_rate()
-        prod *= eig ** ph.repeat
+        prod *= eig**ph.repeat
     return float(np.max(np.abs(prod[1:]))) if n > 1 else 0.0
 
 
@@ -150,8 +159,18 @@ def _phases(name: str, n: int, **kw) -> list[Phase]:
     return GENERATORS[name].phases(n, **kw) if name != "hierarchical" else GENERATORS[name].phases(None, **kw)
 
 
-def plan_rows(world_size: int, nodes: int, links: Links, params: float, *, compute_s: float = 0.0,
-              bytes_per_param: int = 4, eps: float = 1e-3, taus=TAUS, slowmo_taus=SLOWMO_TAUS) -> list[Row]:
+def plan_rows(
+    world_size: int,
+    nodes: int,
+    links: Links,
+    params: float,
+    *,
+    compute_s: float = 0.0,
+    bytes_per_param: int = 4,
+    eps: float = 1e-3,
+    taus=TAUS,
+    slowmo_taus=SLOWMO_TAUS,
+) -> list[Row]:
     """One :class:`Row` per family for ``world_size`` ranks on ``nodes`` nodes (ranks numbered node by node)."""
     for name, v in (("world_size", world_size), ("nodes", nodes)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -174,16 +193,37 @@ def plan_rows(world_size: int, nodes: int, links: Links, params: float, *, compu
         per_step = rate_period ** (1.0 / period) if rate_period > 0 else 0.0
         steps = steps_to_consensus(per_step, eps, period, rate_period)
         blocking, overlapped = step_times(compute_s, c.comm_s, c.combine_s)
-        rows.append(Row(name, c.bytes_per_rank, c.comm_s, per_step, steps, blocking,
-                        overlapped if overlap else blocking, c.cpu_limited, note))
+        rows.append(
+            Row(
+                name,
+                c.bytes_per_rank,
+                c.comm_s,
+                per_step,
+                steps,
+                blocking,
+                overlapped if overlap else blocking,
+                c.cpu_limited,
+                note,
+            )
+        )
         return c
 
     for fam in ("ring", "torus", "exponential", "one_peer_exponential"):
         try:
             ph = _phases(fam, n)
         except TopologyError as exc:
-            rows.append(Row(fam, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan,
-                            note=f"not built: {getattr(exc, 'rule', exc)}"))
+            rows.append(
+                Row(
+                    fam,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    note=f"not built: {getattr(exc, 'rule', exc)}",
+                )
+            )
             continue
         shape = None
         if fam == "torus":
@@ -203,8 +243,14 @@ def plan_rows(world_size: int, nodes: int, links: Links, params: float, *, compu
     add("complete (parameter all-reduce)", [Phase(J)], 0.0, 1)
     ddp = add("all-reduce SGD (DDP)", [Phase(J)], 0.0, 1, note="gradients averaged: the models never drift")
     for tau in taus:
-        add(f"local SGD tau={tau}", ([Phase(np.eye(n), tau - 1)] if tau > 1 else []) + [Phase(J)], 0.0, tau,
-            note="averages every tau steps", overlap=False)
+        add(
+            f"local SGD tau={tau}",
+            ([Phase(np.eye(n), tau - 1)] if tau > 1 else []) + [Phase(J)],
+            0.0,
+            tau,
+            note="averages every tau steps",
+            overlap=False,
+        )
     base = _phases("one_peer_exponential", n)
     base_rate = consensus_rate_fast(base)
     base_period = sum(p.repeat for p in base)
@@ -215,9 +261,19 @@ def plan_rows(world_size: int, nodes: int, links: Links, params: float, *, compu
         per_step = base_rate ** (1.0 / base_period) if base_rate > 0 else 0.0
         steps = min(float(tau), steps_to_consensus(per_step, eps, base_period, base_rate))
         blocking, overlapped = step_times(compute_s, comm, combine)
-        rows.append(Row(f"SlowMo tau={tau} over one-peer exp.", (tau * base_cost.bytes_per_rank + ddp.bytes_per_rank)
-                        / tau, comm, per_step, steps, blocking, overlapped, base_cost.cpu_limited or ddp.cpu_limited,
-                        "gossip every step, exact average + slow momentum every tau"))
+        rows.append(
+            Row(
+                f"SlowMo tau={tau} over one-peer exp.",
+                (tau * base_cost.bytes_per_rank + ddp.bytes_per_rank) / tau,
+                comm,
+                per_step,
+                steps,
+                blocking,
+                overlapped,
+                base_cost.cpu_limited or ddp.cpu_limited,
+                "gossip every step, exact average + slow momentum every tau",
+            )
+        )
     return rows
 
 
@@ -230,14 +286,18 @@ def recommend(rows: list[Row], max_consensus_steps: float = 32, overlap: bool = 
     best = min(ok, key=key)
     kind = "overlapped" if overlap else "blocking"
     ddp = next((r for r in rows if r.name.startswith("all-reduce SGD")), None)
-    why = [f"{best.name}: the shortest {kind} step, {key(best) * 1e3:.4g} ms, among the families that reach "
-           f"1e-3 consensus within {max_consensus_steps:g} steps (it takes {best.steps:g})"]
+    why = [
+        f"{best.name}: the shortest {kind} step, {key(best) * 1e3:.4g} ms, among the families that reach "
+        f"1e-3 consensus within {max_consensus_steps:g} steps (it takes {best.steps:g})"
+    ]
     if ddp is not None and best is not ddp:
         why.append(f"{key(ddp) / key(best):.3g}x faster per step than all-reduce SGD ({key(ddp) * 1e3:.4g} ms)")
     faster = sorted((r for r in rows if key(r) < key(best) and r not in ok), key=key)
     if faster:
-        why.append("faster but drifting longer: " + ", ".join(f"{r.name} ({key(r) * 1e3:.4g} ms, {r.steps:g} steps)"
-                                                               for r in faster[:3]))
+        why.append(
+            "faster but drifting longer: "
+            + ", ".join(f"{r.name} ({key(r) * 1e3:.4g} ms, {r.steps:g} steps)" for r in faster[:3])
+        )
     if best.comm_s <= 0.05 * max(best.blocking_s - best.comm_s, 1e-12):
         why.append("communication is under 5 % of the step here: the choice barely matters for speed")
     if best.cpu_limited:
@@ -255,21 +315,33 @@ def _fmt_s(x: float) -> str:
 
 def format_table(rows: list[Row]) -> str:
     """The rows as a Markdown table."""
-    head = ("| family | MB sent/rank/step | comm/step | rate/step | steps to 1e-3 | time to 1e-3 | "
-            "step blocking | step overlapped |")
+    head = (
+        "| family | MB sent/rank/step | comm/step | rate/step | steps to 1e-3 | time to 1e-3 | "
+        "step blocking | step overlapped |"
+    )
     out = [head, "|" + "---|" * 8]
     for r in rows:
         if r.note.startswith("not built"):
             out.append(f"| {r.name} ({r.note}) | - | - | - | - | - | - | - |")
             continue
         mb = r.bytes_per_rank / 1e6
-        out.append(f"| {r.name} | {mb:.4g} | {_fmt_s(r.comm_s)} | {r.rate:.6g} | {r.steps:g} | "
-                   f"{_fmt_s(r.time_to_eps_s)} | {_fmt_s(r.blocking_s)} | {_fmt_s(r.overlapped_s)} |")
+        out.append(
+            f"| {r.name} | {mb:.4g} | {_fmt_s(r.comm_s)} | {r.rate:.6g} | {r.steps:g} | "
+            f"{_fmt_s(r.time_to_eps_s)} | {_fmt_s(r.blocking_s)} | {_fmt_s(r.overlapped_s)} |"
+        )
     return "\n".join(out)
 
 
-def scaling_plot(path, sizes, ranks_per_node: int, links: Links, params: float, compute_s: float = 0.0,
-                 overlap: bool = False, title: str = "") -> dict[str, list[float]]:
+def scaling_plot(
+    path,
+    sizes,
+    ranks_per_node: int,
+    links: Links,
+    params: float,
+    compute_s: float = 0.0,
+    overlap: bool = False,
+    title: str = "",
+) -> dict[str, list[float]]:
     """Draw the predicted step time of every family against the number of ranks into a PNG; returns the series."""
     import matplotlib
 
@@ -286,8 +358,9 @@ def scaling_plot(path, sizes, ranks_per_node: int, links: Links, params: float, 
     colors = matplotlib.colormaps["tab20"]
     series = {name: ys for name, ys in series.items() if not all(math.isnan(y) for y in ys)}
     for k, (name, ys) in enumerate(series.items()):
-        ax.plot(sizes, ys, marker="os^vD<>ph*x+"[k % 12], label=name, linestyle="-" if k < 7 else "--",
-                color=colors(k % 20))
+        ax.plot(
+            sizes, ys, marker="os^vD<>ph*x+"[k % 12], label=name, linestyle="-" if k < 7 else "--", color=colors(k % 20)
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(f"ranks N ({ranks_per_node} per node)")
@@ -310,45 +383,75 @@ def build_parser(prog: str = "python -m lookahead_dist.topology --plan") -> argp
     p.add_argument("--bytes-per-param", type=int, default=4, help="4 for float32 (default), 2 for bf16")
     p.add_argument("--compute-ms", type=float, default=0.0, help="forward + backward time per step (default 0)")
     p.add_argument("--intra-bandwidth", default="800gbit", help="between ranks of one node (default 800gbit)")
-    p.add_argument("--op-overhead", default=f"{GLOO_OP_OVERHEAD_S * 1e6:g}us",
-                   help="per-operation cost of the communication library (default: gloo's, measured; "
-                        "NCCL's is some 10us)")
-    p.add_argument("--memory-bandwidth", type=float, default=20.0,
-                   help="GB/s of the weighted combine's memory traffic (default 20; a GPU has some 1000)")
+    p.add_argument(
+        "--op-overhead",
+        default=f"{GLOO_OP_OVERHEAD_S * 1e6:g}us",
+        help="per-operation cost of the communication library (default: gloo's, measured; NCCL's is some 10us)",
+    )
+    p.add_argument(
+        "--memory-bandwidth",
+        type=float,
+        default=20.0,
+        help="GB/s of the weighted combine's memory traffic (default 20; a GPU has some 1000)",
+    )
     p.add_argument("--eps", type=float, default=1e-3, help="consensus distance to reach (default 1e-3)")
     p.add_argument("--max-consensus-steps", type=float, default=32, help="for the recommendation (default 32)")
     p.add_argument("--overlap", action="store_true", help="recommend by the overlapped step time")
-    p.add_argument("--scaling-plot", metavar="PNG", default=None,
-                   help="also draw the step time of every family for N = 8, 16, ... up to --world-size ranks "
-                        "(same ranks per node)")
+    p.add_argument(
+        "--scaling-plot",
+        metavar="PNG",
+        default=None,
+        help="also draw the step time of every family for N = 8, 16, ... up to --world-size ranks "
+        "(same ranks per node)",
+    )
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        links = Links(parse_rate(args.bandwidth), latency_s=parse_time(args.latency),
-                      intra_bandwidth_bits=parse_rate(args.intra_bandwidth, "--intra-bandwidth"),
-                      op_overhead_s=parse_time(args.op_overhead, "--op-overhead"),
-                      memory_bytes_per_s=args.memory_bandwidth * 1e9)
+        links = Links(
+            parse_rate(args.bandwidth),
+            latency_s=parse_time(args.latency),
+            intra_bandwidth_bits=parse_rate(args.intra_bandwidth, "--intra-bandwidth"),
+            op_overhead_s=parse_time(args.op_overhead, "--op-overhead"),
+            memory_bytes_per_s=args.memory_bandwidth * 1e9,
+        )
         params = parse_count(args.params)
-        rows = plan_rows(args.world_size, args.nodes, links, params, compute_s=args.compute_ms / 1e3,
-                         bytes_per_param=args.bytes_per_param, eps=args.eps)
+        rows = plan_rows(
+            args.world_size,
+            args.nodes,
+            links,
+            params,
+            compute_s=args.compute_ms / 1e3,
+            bytes_per_param=args.bytes_per_param,
+            eps=args.eps,
+        )
         best, why = recommend(rows, args.max_consensus_steps, args.overlap)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.world_size} ranks on {args.nodes} nodes ({args.world_size // args.nodes} per node), "
-          f"{args.bandwidth} NICs, latency {args.latency}, {params / 1e6:.4g}M parameters x {args.bytes_per_param} B, "
-          f"compute {args.compute_ms:g} ms per step")
+    print(
+        f"{args.world_size} ranks on {args.nodes} nodes ({args.world_size // args.nodes} per node), "
+        f"{args.bandwidth} NICs, latency {args.latency}, {params / 1e6:.4g}M parameters x {args.bytes_per_param} B, "
+        f"compute {args.compute_ms:g} ms per step"
+    )
     print(format_table(rows))
     print(f"\nrecommended: {why}")
     if args.scaling_plot:
         rpn = args.world_size // args.nodes
-        sizes = [2 ** k for k in range(3, 31) if rpn <= 2 ** k <= args.world_size]
-        scaling_plot(args.scaling_plot, sizes, rpn, links, params, args.compute_ms / 1e3, args.overlap,
-                     f"{args.bandwidth} NICs, {rpn} rank(s) per node, {params / 1e6:.4g}M parameters, "
-                     f"compute {args.compute_ms:g} ms")
+        sizes = [2**k for k in range(3, 31) if rpn <= 2**k <= args.world_size]
+        scaling_plot(
+            args.scaling_plot,
+            sizes,
+            rpn,
+            links,
+            params,
+            args.compute_ms / 1e3,
+            args.overlap,
+            f"{args.bandwidth} NICs, {rpn} rank(s) per node, {params / 1e6:.4g}M parameters, "
+            f"compute {args.compute_ms:g} ms",
+        )
         print(f"plot written to {args.scaling_plot}")
     return 0
 

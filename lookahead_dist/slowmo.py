@@ -29,6 +29,7 @@ setting), beta = 0.5 (the middle of its 0.4-0.7 range, good across its tasks),
 tau = 12 (its default period for local SGD on ImageNet), base-optimizer
 buffers kept across slow steps (its default).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -173,7 +174,7 @@ class SlowMo(WrapperOptimizer):
         """
         if self.shard and group == 0:
             r = self.comm.rank
-            return self._padded(v.detach())[r * self._chunk:(r + 1) * self._chunk]
+            return self._padded(v.detach())[r * self._chunk : (r + 1) * self._chunk]
         return v.detach()
 
     # -- the step ---------------------------------------------------------------
@@ -204,8 +205,9 @@ class SlowMo(WrapperOptimizer):
         if self.shard:
             # reduce-scatter the first group, update this rank's chunk, all-gather it back.
             if self._pad is None:
-                self._pad = torch.zeros(self._chunk * self.comm.world_size, dtype=values[0].dtype,
-                                        device=values[0].device)
+                self._pad = torch.zeros(
+                    self._chunk * self.comm.world_size, dtype=values[0].dtype, device=values[0].device
+                )
                 self._mine = torch.empty_like(self.slow[0])
             self._pad[: values[0].numel()].copy_(values[0])
             exact_average_([self._pad] + values[1:], weight, self.comm, weight_sum=weight_sum, shard_out=self._mine)
@@ -245,14 +247,20 @@ class SlowMo(WrapperOptimizer):
             "gamma": self.gamma,
             "slow": [z.clone() for z in self.slow],
             "momentum": [u.clone() for u in self.momentum],
-            "tau": self.tau, "alpha": self.alpha, "beta": self.beta,
-            "shard": self.shard, "world_size": self.comm.world_size,
+            "tau": self.tau,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "shard": self.shard,
+            "world_size": self.comm.world_size,
         }
         if self.base is not None:
             base = self.base.state_dict()
             return {"inner": base["inner"], "slowmo": own, "base": base["decentralized"]}
-        return {"inner": self.optimizer.state_dict(), "slowmo": own,
-                "model": [b.detach().clone() for b in self.flat.tensors()]}
+        return {
+            "inner": self.optimizer.state_dict(),
+            "slowmo": own,
+            "model": [b.detach().clone() for b in self.flat.tensors()],
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:

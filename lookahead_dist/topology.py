@@ -64,6 +64,7 @@ Command line: ``python -m lookahead_dist.topology FILE [--world-size N] [--plot 
 prints every phase, its invariant vector, consensus rates and the messages per rank
 (:mod:`lookahead_dist.topology_cli`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -94,8 +95,21 @@ NO_CONSENSUS_TOL = 1e-9
 #: phases, one_peer_exponential log2(n), so 4096 is generous and still keeps a file like
 #: ``{generator: two_agent, repeat: 1000000000}`` from building a billion phases.
 MAX_PHASES = 4096
-_TOP_KEYS = ("name", "description", "agents", "generator", "matrix", "nodes", "edges", "undirected",
-             "schedule", "push_sum", "allow_no_consensus", "roles", "placement")
+_TOP_KEYS = (
+    "name",
+    "description",
+    "agents",
+    "generator",
+    "matrix",
+    "nodes",
+    "edges",
+    "undirected",
+    "schedule",
+    "push_sum",
+    "allow_no_consensus",
+    "roles",
+    "placement",
+)
 _PHASE_KEYS = ("generator", "matrix", "edges", "nodes", "undirected", "repeat", "name")
 _SOURCES = ("generator", "matrix", "edges", "schedule")
 _NOVALUE = object()
@@ -240,8 +254,12 @@ def _edges(ctx: _Ctx, spec: dict, path: str, n: Optional[int], why: str, push_su
         if w is not None:
             w = _number(ctx, w, wp)
         if edges and (w is None) != (edges[0][2] is None):
-            raise ctx.err(p, f"all edges must be weighted or none is ({epath}[0] "
-                             f"{'has no' if edges[0][2] is None else 'has a'} weight)", e)
+            raise ctx.err(
+                p,
+                f"all edges must be weighted or none is ({epath}[0] "
+                f"{'has no' if edges[0][2] is None else 'has a'} weight)",
+                e,
+            )
         edges.append((ij[0], ij[1], w, ends))
     if n is None:
         if not edges:
@@ -336,13 +354,19 @@ def _schedule(ctx: _Ctx, raw, n: Optional[int], why: str, push_sum: bool):
         roles = roles or sub_roles
         period += repeat * sum(ph.repeat for ph in sub)
         if period > MAX_PERIOD:
-            raise ctx.err(_join(p, "repeat"), f"the period reaches {period} steps, beyond the longest period "
-                                              f"MAX_PERIOD = {MAX_PERIOD}", repeat)
+            raise ctx.err(
+                _join(p, "repeat"),
+                f"the period reaches {period} steps, beyond the longest period MAX_PERIOD = {MAX_PERIOD}",
+                repeat,
+            )
         if len(sub) == 1:
             phases.append(Phase(sub[0].matrix, sub[0].repeat * repeat, name or sub[0].name))
         elif len(phases) + len(sub) * repeat > MAX_PHASES:
-            raise ctx.err(_join(p, "repeat"), f"{repeat} copies of {len(sub)} phases exceed the limit "
-                                              f"MAX_PHASES = {MAX_PHASES}", repeat)
+            raise ctx.err(
+                _join(p, "repeat"),
+                f"{repeat} copies of {len(sub)} phases exceed the limit MAX_PHASES = {MAX_PHASES}",
+                repeat,
+            )
         else:
             phases.extend(sub * repeat)
     return phases, roles
@@ -383,8 +407,11 @@ def _roles(ctx: _Ctx, raw, n: int, default) -> tuple:
 def _placement(ctx: _Ctx, raw, n: int, world_size: Optional[int], n_path: str) -> tuple:
     if raw is None:
         if world_size is not None and world_size != n:
-            raise ctx.err(n_path, f"{n} agents on the default placement (agent i on rank i) need world size {n}, "
-                                  f"but the world size is {world_size}")
+            raise ctx.err(
+                n_path,
+                f"{n} agents on the default placement (agent i on rank i) need world size {n}, "
+                f"but the world size is {world_size}",
+            )
         return tuple(range(n))
     if not isinstance(raw, list) or len(raw) != n:
         raise ctx.err("placement", f"must list one rank for each of the {n} agents", raw)
@@ -407,11 +434,9 @@ def from_mapping(mapping: dict, source: str = "<mapping>", world_size: Optional[
     """Validate a topology mapping (the YAML format of this module) and build a :class:`Topology`."""
     ctx = _Ctx(source)
     if not isinstance(mapping, dict):
-        raise ctx.err("", "a topology must be a mapping of keys (see the format in lookahead_dist.topology)",
-                      mapping)
+        raise ctx.err("", "a topology must be a mapping of keys (see the format in lookahead_dist.topology)", mapping)
     ctx.keys(mapping, _TOP_KEYS, "")
-    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)
-                                   or world_size < 1):
+    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
         raise ctx.err("world_size", "must be an integer >= 1", world_size)
     sources = [k for k in _SOURCES if k in mapping]
     if len(sources) != 1:
@@ -438,9 +463,15 @@ def from_mapping(mapping: dict, source: str = "<mapping>", world_size: Optional[
     else:
         phases, role_hint = _source(ctx, mapping, "", n, why, push_sum)
     gen = mapping.get("generator")
-    default_name = (Path(source).stem if not source.startswith("<") else
-                    gen if isinstance(gen, str) else gen.get("type", "custom") if isinstance(gen, dict)
-                    else "custom")
+    default_name = (
+        Path(source).stem
+        if not source.startswith("<")
+        else gen
+        if isinstance(gen, str)
+        else gen.get("type", "custom")
+        if isinstance(gen, dict)
+        else "custom"
+    )
     name = ctx.as_str(mapping.get("name", default_name), "name")
     try:
         schedule = Schedule(phases, push_sum=push_sum, name=name)
@@ -449,9 +480,12 @@ def from_mapping(mapping: dict, source: str = "<mapping>", world_size: Optional[
         raise TopologyError(f"{source}: {sources[0]}: {exc}") from None
     n = schedule.n
     if rate >= 1 - NO_CONSENSUS_TOL and not allow:
-        raise ctx.err(sources[0], f"the schedule never reaches consensus: its period consensus rate is {rate:.6g} "
-                                  ">= 1 (no agent is reached by all others over a period); "
-                                  "set allow_no_consensus: true to accept it")
+        raise ctx.err(
+            sources[0],
+            f"the schedule never reaches consensus: its period consensus rate is {rate:.6g} "
+            ">= 1 (no agent is reached by all others over a period); "
+            "set allow_no_consensus: true to accept it",
+        )
     roles = _roles(ctx, mapping.get("roles"), n, role_hint)
     n_path = "agents" if "agents" in mapping else sources[0]
     placement = _placement(ctx, mapping.get("placement"), n, world_size, n_path)

@@ -41,16 +41,21 @@ def report(t: Topology) -> str:
     out = [f"{t.name}  ({t.source})"]
     if t.description:
         out.append(f"  {t.description}")
-    out += [f"agents: {t.n} on {t.world_size} ranks; push-sum: {'yes' if t.push_sum else 'no'}; "
-            f"fast: {list(t.fast_agents)}; slow: {list(t.slow_agents)}",
-            f"placement (agent -> rank): {list(t.placement)}",
-            f"period: {s.period} steps, {len(s.phases)} phases"]
+    out += [
+        f"agents: {t.n} on {t.world_size} ranks; push-sum: {'yes' if t.push_sum else 'no'}; "
+        f"fast: {list(t.fast_agents)}; slow: {list(t.slow_agents)}",
+        f"placement (agent -> rank): {list(t.placement)}",
+        f"period: {s.period} steps, {len(s.phases)} phases",
+    ]
     kind = "row i = how agent i splits its mass" if t.push_sum else "column j = the weights agent j takes"
     avg, allreduces = np.zeros(t.world_size), 0
     for k, ph in enumerate(s.phases):
         P = ph.matrix
-        out += ["", f"phase {k}" + (f" ({ph.name})" if ph.name else "") + f", repeat {ph.repeat}",
-                f"  P ({kind}" + ("; x = non-zero)" if t.n > 12 else ")")]
+        out += [
+            "",
+            f"phase {k}" + (f" ({ph.name})" if ph.name else "") + f", repeat {ph.repeat}",
+            f"  P ({kind}" + ("; x = non-zero)" if t.n > 12 else ")"),
+        ]
         out += ["    " + line for line in _matrix_text(P)]
         M = P.T if t.push_sum else P
         try:
@@ -69,8 +74,11 @@ def report(t: Topology) -> str:
         out += [f"  one all-reduce over ranks {list(g)}" for g in groups]
         allreduces += ph.repeat * len(groups)
         if any(sends):
-            per_rank = (f"every rank: {sends[0]}" if len(set(sends)) == 1 else
-                        ", ".join(f"rank {r}: {m}" for r, m in enumerate(sends)) + f" (max {max(sends)})")
+            per_rank = (
+                f"every rank: {sends[0]}"
+                if len(set(sends)) == 1
+                else ", ".join(f"rank {r}: {m}" for r, m in enumerate(sends)) + f" (max {max(sends)})"
+            )
             out.append(f"  messages per step (distinct other ranks each rank sends to): {per_rank}")
     out += ["", f"over the period ({s.period} steps):"]
     try:
@@ -80,8 +88,11 @@ def report(t: Topology) -> str:
     rate = s.consensus_rate()
     out.append(f"  period consensus rate: {rate:.6g}")
     out.append(f"  per-step rate: {s.consensus_rate(per_step=True):.6g}")
-    out.append("  point-to-point messages per step, averaged: " + ", ".join(
-        f"rank {r}: {m / s.period:.3g}" for r, m in enumerate(avg)) + f"; all-reduces per period: {allreduces}")
+    out.append(
+        "  point-to-point messages per step, averaged: "
+        + ", ".join(f"rank {r}: {m / s.period:.3g}" for r, m in enumerate(avg))
+        + f"; all-reduces per period: {allreduces}"
+    )
     return "\n".join(out)
 
 
@@ -102,8 +113,9 @@ def plot(t: Topology, path) -> None:
         G.add_nodes_from(range(t.n))
         G.add_edges_from((int(i), int(j)) for i, j in zip(*np.nonzero(ph.matrix)) if i != j)
         pos = nx.circular_layout(G)
-        nx.draw_networkx(G, pos, ax=ax, node_color=colors, arrows=True, node_size=300, font_size=8,
-                         connectionstyle="arc3,rad=0.1")
+        nx.draw_networkx(
+            G, pos, ax=ax, node_color=colors, arrows=True, node_size=300, font_size=8, connectionstyle="arc3,rad=0.1"
+        )
         ax.set_title(f"phase {k} {ph.name} (x{ph.repeat})".strip(), fontsize=9)
         ax.set_axis_off()
     fig.suptitle(f"{t.name}: fast = blue, slow = orange")
@@ -118,8 +130,11 @@ def main(argv=None) -> int:
 
         return plan_main([a for a in argv if a != "--plan"])
     parser = argparse.ArgumentParser(prog="lookahead-topology", description=main.__doc__)
-    parser.add_argument("--plan", action="store_true",
-                        help="instead of FILE: compare every built-in family on a cluster; see --plan --help")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="instead of FILE: compare every built-in family on a cluster; see --plan --help",
+    )
     parser.add_argument("file", help="topology YAML file")
     parser.add_argument("--world-size", type=int, default=None, help="number of ranks the topology must fit")
     parser.add_argument("--plot", metavar="PNG", default=None, help="draw the graph of each phase into this file")

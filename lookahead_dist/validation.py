@@ -109,12 +109,7 @@ def check_real(
     value, name: str, rule: str, ok: Callable[[float], bool], *, error: ErrorType = ConfigError, hint: str = ""
 ) -> float:
     """A finite real number (not a bool) for which ``ok`` holds; ``rule`` says in words what ``ok`` checks."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not _finite(value)
-        or not ok(float(value))
-    ):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) or not ok(float(value)):
         raise _fail(error, name, rule, value, hint)
     return float(value)
 
@@ -134,14 +129,11 @@ def check_lookahead_alpha(value, name: str = "alpha", *, error: ErrorType = Conf
     return check_real(value, name, "lie in (0, 1]", lambda v: 0.0 < v <= 1.0, error=error)
 
 
-def check_slow_alpha(
-    value, name: str = "alpha", *, max_alpha: float = 1.0, error: ErrorType = ConfigError
-) -> float:
+def check_slow_alpha(value, name: str = "alpha", *, max_alpha: float = 1.0, error: ErrorType = ConfigError) -> float:
     """SlowMo's slow learning rate, z <- z - alpha gamma u: (0, max_alpha]."""
     check_real(max_alpha, "max_alpha", "be a real number > 0", lambda v: v > 0.0, error=error)
     hint = "" if max_alpha > 1 else " (pass max_alpha to allow a larger slow learning rate on purpose)"
-    return check_real(value, name, f"lie in (0, {max_alpha:g}]", lambda v: 0.0 < v <= max_alpha, error=error,
-                      hint=hint)
+    return check_real(value, name, f"lie in (0, {max_alpha:g}]", lambda v: 0.0 < v <= max_alpha, error=error, hint=hint)
 
 
 def check_beta(value, name: str = "beta", *, error: ErrorType = ConfigError) -> float:
@@ -163,4 +155,3 @@ def check_choice(value, name: str, choices: Sequence, *, error: ErrorType = Conf
 def check_optimizer_state(value, name: str = "optimizer_state", *, error: ErrorType = ConfigError) -> str:
     """The base optimizer's state policy at a slow step: one of :data:`OPTIMIZER_STATE_POLICIES`."""
     return check_choice(value, name, OPTIMIZER_STATE_POLICIES, error=error)
-

@@ -6,6 +6,7 @@ marker. While a test without it is set up or runs, starting a
 multiprocessing process or a torchrun subprocess raises an error naming the test.
 Fixtures are covered too (a module-scoped fixture is set up inside its first test).
 """
+
 from __future__ import annotations
 
 import multiprocessing.process
@@ -21,7 +22,7 @@ def _refuse(what: str) -> None:
     if not _current["dist"]:
         raise RuntimeError(
             f"{_current['test']} starts {what} but is not marked dist: add @pytest.mark.dist "
-            "(or pytestmark = pytest.mark.dist) so that `pytest -m \"not dist\"` stays fast"
+            '(or pytestmark = pytest.mark.dist) so that `pytest -m "not dist"` stays fast'
         )
 
 

@@ -5,6 +5,7 @@ released; one still inside such a call when the interpreter finalizes aborts the
 without an active exception"). These tests run launch/examples/many_optimizers.py under torchrun several times,
 in both import orders, and check the mechanisms that prevent it in one process.
 """
+
 import os
 import subprocess
 import sys
@@ -25,8 +26,17 @@ def _env():
 
 
 def _torchrun(*args, timeout=60.0):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", SCRIPT,
-           "--steps", "2", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=4",
+        SCRIPT,
+        "--steps",
+        "2",
+        *args,
+    ]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 

@@ -2,6 +2,7 @@
 
 Units: B = 1 Gbit/s / 8 x 1448/1514 payload bytes/s unless a test says otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -111,8 +112,9 @@ def test_hierarchical_allreduce_formula():
     # "auto" picks it for an all-reduce over 32 ranks on 4 nodes; "ring" runs the flat ring of 32
     auto = cost(complete(32), 32, 8, Links(GBIT, latency_s=5e-6, op_overhead_s=1e-5, memory_bytes_per_s=1e30))
     assert auto.comm_s == pytest.approx(want, rel=1e-12)
-    flat = cost(complete(32), 32, 8, Links(GBIT, latency_s=5e-6, op_overhead_s=1e-5, memory_bytes_per_s=1e30,
-                                           allreduce="ring"))
+    flat = cost(
+        complete(32), 32, 8, Links(GBIT, latency_s=5e-6, op_overhead_s=1e-5, memory_bytes_per_s=1e30, allreduce="ring")
+    )
     assert flat.comm_s == pytest.approx(2 * 31 / 32 * MB40 / B + 62 * 15e-6, rel=1e-12)
 
 
@@ -166,8 +168,14 @@ def test_time_varying_schedules_average_over_the_period():
 
 
 def test_symmetry_shortcut_gives_what_compiling_every_rank_gives():
-    for P in (exponential(16), ring(12), complete(8), hierarchical(4, 4)[0].matrix, hierarchical(4, 4)[1].matrix,
-              torus(3, 4)):
+    for P in (
+        exponential(16),
+        ring(12),
+        complete(8),
+        hierarchical(4, 4)[0].matrix,
+        hierarchical(4, 4)[1].matrix,
+        torus(3, 4),
+    ):
         fast = traffic_of_phase(P, tuple(range(P.shape[0])), 1000)
         full = [rank_traffic(compile_plan(P, tuple(range(P.shape[0])), r), 1000) for r in range(P.shape[0])]
         assert fast == full

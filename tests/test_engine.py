@@ -9,6 +9,7 @@ and sums them in rank order. Ranks run their ``mix`` calls in threads, one per
 rank, since a collective waits for the others. The mixed values are compared
 with X P computed directly with the matrix.
 """
+
 from __future__ import annotations
 
 import threading
@@ -87,8 +88,13 @@ class RecordingComm:
         tensor.copy_(total)
 
     def exchange(self, sends, recvs) -> None:
-        self.calls.append(("exchange", tuple((p, t.numel(), t.dtype) for p, t in sends),
-                           tuple((p, t.numel(), t.dtype) for p, t in recvs)))
+        self.calls.append(
+            (
+                "exchange",
+                tuple((p, t.numel(), t.dtype) for p, t in sends),
+                tuple((p, t.numel(), t.dtype) for p, t in recvs),
+            )
+        )
         w = self.world
         with w.cond:
             for peer, t in sends:
@@ -142,8 +148,10 @@ class Agents:
                 bufs[0][-1] = 1.0
             self.buffers[i] = bufs
             self.engines[r].add_agent(i, bufs)
-        self.X0 = [np.stack([self.buffers[i][g].double().numpy() for i in range(schedule.n)], axis=1)
-                   for g in range(len(SIZES))]  # d x n per group
+        self.X0 = [
+            np.stack([self.buffers[i][g].double().numpy() for i in range(schedule.n)], axis=1)
+            for g in range(len(SIZES))
+        ]  # d x n per group
 
     def mix(self, steps) -> None:
         def one_rank(r):
@@ -183,7 +191,9 @@ CASES = {
     "hierarchical_node_per_rank": (lambda: builtin("hierarchical", nodes=2, per_node=2).schedule, (0, 0, 1, 1)),
     "directed_push_sum": (lambda: load_any("directed_push_sum.yaml").schedule, (0, 1, 2, 3)),
     "one_peer_exponential_push_sum": (
-        lambda: Schedule(builtin("one_peer_exponential", world_size=4).schedule.phases, push_sum=True), (0, 1, 2, 3)),
+        lambda: Schedule(builtin("one_peer_exponential", world_size=4).schedule.phases, push_sum=True),
+        (0, 1, 2, 3),
+    ),
     "time_varying": (lambda: load_any("time_varying.yaml").schedule, (0, 1, 2, 3)),
     "time_varying_two_per_rank": (lambda: load_any("time_varying.yaml").schedule, (0, 1, 1, 0)),
     "two_agent_one_rank": (lambda: builtin("two_agent", alpha=0.3, tau=3).schedule, (0, 0)),

@@ -4,6 +4,7 @@ One spawned group runs many topologies in turn (starting processes costs
 seconds); the parent then replays each with :class:`lookahead_dist.reference.simulate.Reference`
 on the same problem, seeds and data, and compares every step.
 """
+
 import os
 
 import numpy as np
@@ -50,8 +51,17 @@ def check_against_reference(topo, per_rank, steps, lr=workers.LR, perturb=0.0):
     return trace
 
 
-FOUR = ["ring.yaml", "hypercube.yaml", "exponential.yaml", "one_peer_exponential.yaml", "time_varying.yaml",
-        "directed_push_sum.yaml", "hierarchical.yaml", "complete.yaml", "edges_example.yaml"]
+FOUR = [
+    "ring.yaml",
+    "hypercube.yaml",
+    "exponential.yaml",
+    "one_peer_exponential.yaml",
+    "time_varying.yaml",
+    "directed_push_sum.yaml",
+    "hierarchical.yaml",
+    "complete.yaml",
+    "edges_example.yaml",
+]
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +107,15 @@ def lr_zero_runs():
     return spawn(workers.many_topologies, 4, LR_ZERO, 30, 0.0, 1.0)
 
 
-LR_ZERO = ["ring.yaml", "hypercube.yaml", "exponential.yaml", "time_varying.yaml", "directed_push_sum.yaml",
-           "one_peer_exponential.yaml", "hierarchical.yaml"]
+LR_ZERO = [
+    "ring.yaml",
+    "hypercube.yaml",
+    "exponential.yaml",
+    "time_varying.yaml",
+    "directed_push_sum.yaml",
+    "one_peer_exponential.yaml",
+    "hierarchical.yaml",
+]
 
 
 @pytest.mark.parametrize("name", LR_ZERO)
@@ -170,8 +187,11 @@ def test_slow_agent_on_its_own_rank_runs_passive_and_equals_reference():
 
 def test_several_agents_per_rank_hierarchical_equals_reference():
     """8 agents on 4 ranks: 2 nodes x 2 ranks x 2 agents; exact average inside a node, ring between nodes."""
-    mapping = {"name": "nested", "generator": {"type": "hierarchical", "nodes": 2, "per_node": 4},
-               "placement": [0, 0, 1, 1, 2, 2, 3, 3]}
+    mapping = {
+        "name": "nested",
+        "generator": {"type": "hierarchical", "nodes": 2, "per_node": 4},
+        "placement": [0, 0, 1, 1, 2, 2, 3, 3],
+    }
     per_rank = spawn(workers.several_agents_per_rank, 4, mapping, STEPS, workers.LR)
     from lookahead_dist.topology import from_mapping
 

@@ -92,10 +92,48 @@ def loads_or_library_error(name: str, call, *args, **kwargs):
 # would cost hypothesis about 0.2 ms each, and the whole file has a 15 s budget for 2,000+ examples.
 
 HUGE_INT = 10**400  # beyond float64
-BAD_NUMBERS = [math.nan, math.inf, -math.inf, -0.5, -1e-300, 1e308, -1e308, 5e-324, 1e-300, 2.0, HUGE_INT,
-               -HUGE_INT, 10**9, True, None, "0.5", "nan", [], [0.5], {}]
-GARBAGE = BAD_NUMBERS + [0, 1, 3, -7, 0.3, "", "x", "ring", "fast", [[]], [1, 2, 3], {"a": 1}, {1: [2]},
-                         [[0.5, 0.5]], ("tuple",), b"bytes", 2**63, -(2**63) - 1]
+BAD_NUMBERS = [
+    math.nan,
+    math.inf,
+    -math.inf,
+    -0.5,
+    -1e-300,
+    1e308,
+    -1e308,
+    5e-324,
+    1e-300,
+    2.0,
+    HUGE_INT,
+    -HUGE_INT,
+    10**9,
+    True,
+    None,
+    "0.5",
+    "nan",
+    [],
+    [0.5],
+    {},
+]
+GARBAGE = BAD_NUMBERS + [
+    0,
+    1,
+    3,
+    -7,
+    0.3,
+    "",
+    "x",
+    "ring",
+    "fast",
+    [[]],
+    [1, 2, 3],
+    {"a": 1},
+    {1: [2]},
+    [[0.5, 0.5]],
+    ("tuple",),
+    b"bytes",
+    2**63,
+    -(2**63) - 1,
+]
 SIZES = [0, -1, 10**9, 10**30, HUGE_INT, 2.0, True, "4", None]
 SEEDS = st.integers(0, 2**32 - 1)
 ODD_CHARS = ":-[]{},&*!|>'\"#%@`?\t\n 0123456789.eE\u00e9\u2028\ufeff\x00"
@@ -135,8 +173,23 @@ def stochastic(rng, n):
     return (raw / raw.sum(axis=0)).tolist()
 
 
-MATRIX_FAULTS = ["valid", "valid", "valid", "transpose", "entry", "entry", "ragged", "extra_row", "drop_row",
-                 "row_not_list", "not_list", "empty", "scaled", "identity", "blocks"]
+MATRIX_FAULTS = [
+    "valid",
+    "valid",
+    "valid",
+    "transpose",
+    "entry",
+    "entry",
+    "ragged",
+    "extra_row",
+    "drop_row",
+    "row_not_list",
+    "not_list",
+    "empty",
+    "scaled",
+    "identity",
+    "blocks",
+]
 
 
 def rand_matrix(rng, n, fault=None):
@@ -256,8 +309,9 @@ def rand_source(rng, n, kind, allow_schedule=True):
         if rng.random() < 0.5:
             out["undirected"] = rng.random() < 0.5 if rng.random() < 0.9 else rand_garbage(rng)
     else:
-        out["schedule"] = ([rand_phase(rng, n) for _ in range(rng.randint(0, 4))] if rng.random() < 0.9
-                           else rand_garbage(rng))
+        out["schedule"] = (
+            [rand_phase(rng, n) for _ in range(rng.randint(0, 4))] if rng.random() < 0.9 else rand_garbage(rng)
+        )
     r = rng.random()
     if r < 0.07:  # a second source, or a key that only goes with edges
         out[rng.choice(SOURCES + ["nodes", "undirected"])] = rand_garbage(rng)
@@ -271,8 +325,11 @@ def rand_phase(rng, n):
         return rand_garbage(rng)
     p = rand_source(rng, n, rng.choice(SOURCES[:3]), allow_schedule=False)
     if rng.random() < 0.5:
-        p["repeat"] = rng.randint(1, 4) if rng.random() < 0.8 else rng.choice(
-            [0, -1, 10**6, 10**9, 10**30, HUGE_INT, 1.5, "2", None])
+        p["repeat"] = (
+            rng.randint(1, 4)
+            if rng.random() < 0.8
+            else rng.choice([0, -1, 10**6, 10**9, 10**30, HUGE_INT, 1.5, "2", None])
+        )
     if rng.random() < 0.25:
         p["name"] = rand_text(rng) if rng.random() < 0.8 else rand_garbage(rng)
     if rng.random() < 0.05:
@@ -284,11 +341,14 @@ def rand_roles(rng, n):
     r = rng.random()
     if r < 0.5:
         length = max(n + rng.choice([0, 0, 0, -1, 1]), 0)
-        return [rng.choice(["fast", "fast", "slow"]) if rng.random() < 0.95 else rand_garbage(rng)
-                for _ in range(length)]
+        return [
+            rng.choice(["fast", "fast", "slow"]) if rng.random() < 0.95 else rand_garbage(rng) for _ in range(length)
+        ]
     if r < 0.85:
-        return {rng.choice(["fast", "slow", "slow", "medium"]): [rand_node(rng, n) for _ in range(rng.randint(0, 3))]
-                for _ in range(rng.randint(0, 2))}
+        return {
+            rng.choice(["fast", "slow", "slow", "medium"]): [rand_node(rng, n) for _ in range(rng.randint(0, 3))]
+            for _ in range(rng.randint(0, 2))
+        }
     return rand_garbage(rng)
 
 
@@ -353,7 +413,7 @@ def mutate_text(rng, text: str) -> str:
     if how == "insert":
         return text[:k] + rand_text(rng) + text[k:]
     if how == "delete":
-        return text[:k] + text[k + 3:]
+        return text[:k] + text[k + 3 :]
     if how == "tab":
         return "\t" + text
     if how == "bom":
@@ -433,8 +493,11 @@ def test_huge_world_size_is_refused_up_front():
     assert "1000000000" in str(out) and f"MAX_AGENTS = {generators.MAX_AGENTS}" in str(out), str(out)
 
 
-BOMB = "[&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], " + ", ".join(
-    f"&{b} [{', '.join([f'*{a}'] * 10)}]" for a, b in zip("abcdefg", "bcdefgh")) + "]"
+BOMB = (
+    "[&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], "
+    + ", ".join(f"&{b} [{', '.join([f'*{a}'] * 10)}]" for a, b in zip("abcdefg", "bcdefgh"))
+    + "]"
+)
 HOSTILE_YAML = [
     "matrix: " + "[" * DEEP + "]" * DEEP,
     "generator: {type: ring, n: " + "[" * DEEP + "]" * DEEP + "}",
@@ -468,18 +531,38 @@ def test_hostile_yaml_topology(case):
 def _config_tree(cls) -> dict:
     """{key: type hint, or a sub-tree for a section} of the run-config dataclasses, read from the code."""
     hints = typing.get_type_hints(cls)
-    return {f.name: _config_tree(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else hints[f.name]
-            for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    return {
+        f.name: _config_tree(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else hints[f.name]
+        for f in dataclasses.fields(cls)
+        if not f.metadata.get("internal")
+    }
 
 
 CONFIG_TREE = _config_tree(run_config.Config)
-CONFIG_PATHS = [(k, s) if isinstance(v, dict) else (k,) for k, v in CONFIG_TREE.items()
-                for s in (v if isinstance(v, dict) else [None])]
+CONFIG_PATHS = [
+    (k, s) if isinstance(v, dict) else (k,)
+    for k, v in CONFIG_TREE.items()
+    for s in (v if isinstance(v, dict) else [None])
+]
 SECTIONS = [k for k, v in CONFIG_TREE.items() if isinstance(v, dict)]
-WORDS = sorted({w for name in ("MODELS", "DATASETS", "OPTIMIZERS", "SCHEDULES", "ALGORITHMS", "BUFFERS",
-                               "OPTIMIZER_STATE", "OPTIMIZER_STATES")
-                for w in getattr(run_config, name, ()) if isinstance(w, str)}
-               | {"gossip", "auto", "gloo", "nccl", "cpu", "cuda", "steps", "epochs", "topologies/ring.yaml"})
+WORDS = sorted(
+    {
+        w
+        for name in (
+            "MODELS",
+            "DATASETS",
+            "OPTIMIZERS",
+            "SCHEDULES",
+            "ALGORITHMS",
+            "BUFFERS",
+            "OPTIMIZER_STATE",
+            "OPTIMIZER_STATES",
+        )
+        for w in getattr(run_config, name, ())
+        if isinstance(w, str)
+    }
+    | {"gossip", "auto", "gloo", "nccl", "cpu", "cuda", "steps", "epochs", "topologies/ring.yaml"}
+)
 
 
 def rand_config_value(rng):
@@ -491,8 +574,9 @@ def rand_config_value(rng):
     if r < 0.6:
         return rand_float(rng)
     if r < 0.7:
-        return [rng.uniform(-1, 100) if rng.random() < 0.7 else rng.choice(BAD_NUMBERS)
-                for _ in range(rng.randint(0, 3))]
+        return [
+            rng.uniform(-1, 100) if rng.random() < 0.7 else rng.choice(BAD_NUMBERS) for _ in range(rng.randint(0, 3))
+        ]
     return rand_garbage(rng)
 
 
@@ -519,10 +603,44 @@ def rand_config(seed):
     return out
 
 
-OVERRIDE_TEXTS = ["null", "~", "None", "nan", "-nan", ".nan", "inf", "-inf", ".inf", "1e999", "1e-999", "9" * 400,
-                  "-1", "0", "1", "0.5", "1e-3", "true", "yes", "[]", "[1, 2]", "[2, 1]", "[nan]", "{}", "{a: 1}",
-                  "!!python/object:os.system {}", "!!binary aGk=", "2020-01-01", "'",
-                  "[1,", "{a: [}", "&a [*a]", "a: b: c", "\x00", "\ufeff1", ""]
+OVERRIDE_TEXTS = [
+    "null",
+    "~",
+    "None",
+    "nan",
+    "-nan",
+    ".nan",
+    "inf",
+    "-inf",
+    ".inf",
+    "1e999",
+    "1e-999",
+    "9" * 400,
+    "-1",
+    "0",
+    "1",
+    "0.5",
+    "1e-3",
+    "true",
+    "yes",
+    "[]",
+    "[1, 2]",
+    "[2, 1]",
+    "[nan]",
+    "{}",
+    "{a: 1}",
+    "!!python/object:os.system {}",
+    "!!binary aGk=",
+    "2020-01-01",
+    "'",
+    "[1,",
+    "{a: [}",
+    "&a [*a]",
+    "a: b: c",
+    "\x00",
+    "\ufeff1",
+    "",
+]
 
 
 def rand_override(rng):
@@ -534,8 +652,17 @@ def rand_override(rng):
         key = rng.choice([key + ".x", key.split(".")[0], "." + key, key + ".", "", " ", "a..b", key.upper(), "x"])
     sep = "=" if rng.random() < 0.95 else rng.choice(["", ":", "=="])
     r = rng.random()
-    text = (rng.choice(WORDS) if r < 0.3 else rng.choice(OVERRIDE_TEXTS) if r < 0.6 else str(rng.randint(-5, 1000))
-            if r < 0.75 else repr(rand_float(rng)) if r < 0.9 else rand_text(rng, 10))
+    text = (
+        rng.choice(WORDS)
+        if r < 0.3
+        else rng.choice(OVERRIDE_TEXTS)
+        if r < 0.6
+        else str(rng.randint(-5, 1000))
+        if r < 0.75
+        else repr(rand_float(rng))
+        if r < 0.9
+        else rand_text(rng, 10)
+    )
     return f"{key}{sep}{text}"
 
 
@@ -613,8 +740,10 @@ def test_hostile_override_values(text):
 def test_example_count():
     """Runs last in this file: the fuzz tests above ran their examples, together at least TARGET_EXAMPLES."""
     ran = {name: COUNTS.get(name, 0) for name in QUOTAS}
-    print(f"\nfuzz examples run: {ran}, total {sum(ran.values())}; fixed cases: "
-          f"{sum(v for k, v in COUNTS.items() if k not in QUOTAS)}")
+    print(
+        f"\nfuzz examples run: {ran}, total {sum(ran.values())}; fixed cases: "
+        f"{sum(v for k, v in COUNTS.items() if k not in QUOTAS)}"
+    )
     if not all(ran.values()):
         pytest.skip("only part of this file ran (-k): the total is checked when all of it runs")
     assert sum(QUOTAS.values()) >= TARGET_EXAMPLES

@@ -7,6 +7,7 @@
   copy) on the GPU; two agents on one rank is serial Lookahead.
 * Lookahead's slow weights follow the model to the GPU.
 """
+
 import copy
 
 import pytest
@@ -58,16 +59,21 @@ def test_decentralized_flat_buffers_live_on_cuda_and_two_agents_equal_lookahead(
     prob = _problem()
     steps = 3 * TAU + 2
     model = copy.deepcopy(prob.module).to(CUDA)
-    mapping = {"generator": {"type": "two_agent", "alpha": ALPHA, "tau": TAU}, "roles": ["fast", "slow"],
-               "placement": [0, 0]}
+    mapping = {
+        "generator": {"type": "two_agent", "alpha": ALPHA, "tau": TAU},
+        "roles": ["fast", "slow"],
+        "placement": [0, 0],
+    }
     comm = Comm(heartbeat=0)
     try:
         opt = Decentralized(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM), model, mapping, comm=comm)
         for bufs in opt.engine.agents.values():
             assert all(b.device == CUDA for b in bufs)
         buf = opt.flat.params[0].buffer
-        assert all(buf.data_ptr() <= p.data_ptr() < buf.data_ptr() + buf.numel() * buf.element_size()
-                   for p in model.parameters())
+        assert all(
+            buf.data_ptr() <= p.data_ptr() < buf.data_ptr() + buf.numel() * buf.element_size()
+            for p in model.parameters()
+        )
         _train(model, opt, prob, steps, CUDA)
     finally:
         comm.close()

@@ -5,6 +5,7 @@ train, experiments, ...) depend on the core, never the reverse. These tests
 read the source with ast or run a fresh interpreter, so they see the tree as
 it is on disk.
 """
+
 from __future__ import annotations
 
 import ast
@@ -37,8 +38,12 @@ COMMANDS = {  # each needs a fresh interpreter; they start together, so the wait
 @pytest.fixture(scope="module")
 def commands() -> dict[str, subprocess.CompletedProcess]:
     env = dict(os.environ, PYTHONWARNINGS="default")
-    procs = {name: subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=env) for name, args in COMMANDS.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for name, args in COMMANDS.items()
+    }
     done = {}
     for name, proc in procs.items():
         try:
@@ -119,9 +124,11 @@ def test_no_module_over_500_lines_without_a_written_reason(path):
     if lines <= MAX_LINES:
         return
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-    reasons = [line for line in doc.splitlines() if line.startswith("Length: ") and line[len("Length: "):].strip()]
-    assert reasons, (f"{path.relative_to(ROOT)} has {lines} lines (> {MAX_LINES}); split it, or give the reason "
-                     "in its module docstring on a line starting with 'Length: '")
+    reasons = [line for line in doc.splitlines() if line.startswith("Length: ") and line[len("Length: ") :].strip()]
+    assert reasons, (
+        f"{path.relative_to(ROOT)} has {lines} lines (> {MAX_LINES}); split it, or give the reason "
+        "in its module docstring on a line starting with 'Length: '"
+    )
 
 
 def imported_modules(path: Path, text: str | None = None) -> list[tuple[int, str]]:
@@ -156,18 +163,23 @@ def in_subpackage(module: str) -> str | None:
 @pytest.mark.parametrize("path", sorted(PKG.glob("*.py")), ids=lambda p: p.name)
 def test_core_never_imports_a_subpackage(path):
     allowed = CLI_SHIMS.get(path.name, ())
-    bad = [f"line {line}: {module}" for line, module in imported_modules(path)
-           if in_subpackage(module) and not any(module == a or module.startswith(a + ".") for a in allowed)]
+    bad = [
+        f"line {line}: {module}"
+        for line, module in imported_modules(path)
+        if in_subpackage(module) and not any(module == a or module.startswith(a + ".") for a in allowed)
+    ]
     assert bad == [], f"lookahead_dist/{path.name} imports a subpackage: {bad}"
 
 
 def test_the_import_scanner_sees_relative_nested_and_from_package_imports():
     """The check above must be able to fail: a core module with each form of import is caught."""
-    text = ("from . import train\n"
-            "def f():\n    from .reference.simulate import Reference\n"
-            "import lookahead_dist.experiments.runs as runs\n"
-            "from lookahead_dist import testing\n"
-            "from lookahead_dist.mixing import Schedule\n")
+    text = (
+        "from . import train\n"
+        "def f():\n    from .reference.simulate import Reference\n"
+        "import lookahead_dist.experiments.runs as runs\n"
+        "from lookahead_dist import testing\n"
+        "from lookahead_dist.mixing import Schedule\n"
+    )
     found = imported_modules(PKG / "probe.py", text)
     assert {in_subpackage(m) for _, m in found} - {None} == {"train", "reference", "experiments", "testing"}
     assert in_subpackage("lookahead_dist.mixing") is None and in_subpackage("lookahead_dist.trainer") is None

@@ -1,4 +1,5 @@
 """Tests of lookahead_dist.lookahead: the serial Lookahead wrapper (paper eq. 5, Algorithm 1)."""
+
 import copy
 import io
 import pickle
@@ -21,8 +22,9 @@ def mlp(seed=0, dtype=torch.float32):
 
 def batches(n, seed=1, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(6, 4, generator=g, dtype=dtype), torch.randn(6, 2, generator=g, dtype=dtype))
-            for _ in range(n)]
+    return [
+        (torch.randn(6, 4, generator=g, dtype=dtype), torch.randn(6, 2, generator=g, dtype=dtype)) for _ in range(n)
+    ]
 
 
 def loss_of(model, X, Y):
@@ -133,11 +135,20 @@ def test_repr_and_step_count():
     assert "Adam" in text and "lr: 0.01" in text
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(tau=0), "tau"), (dict(tau=2.0), "tau"), (dict(tau=True), "tau"),
-    (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(alpha=float("nan")), "alpha"),
-    (dict(alpha="0.5"), "alpha"), (dict(pullback="pull"), "pullback"), (dict(foreach=1), "foreach"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(tau=0), "tau"),
+        (dict(tau=2.0), "tau"),
+        (dict(tau=True), "tau"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(alpha=float("nan")), "alpha"),
+        (dict(alpha="0.5"), "alpha"),
+        (dict(pullback="pull"), "pullback"),
+        (dict(foreach=1), "foreach"),
+    ],
+)
 def test_bad_arguments_raise_config_error_naming_argument_and_value(kwargs, needle):
     with pytest.raises(ConfigError, match=needle) as info:
         Lookahead(sgd(mlp().parameters()), **kwargs)
@@ -154,7 +165,7 @@ def test_optimizer_must_be_a_torch_optimizer():
 
 
 SCHEDULERS = {
-    "lambda": (lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.9 ** e), False),
+    "lambda": (lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.9**e), False),
     "step": (lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5), False),
     "onecycle": (lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20), False),
     "plateau": (lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=0), True),
@@ -200,10 +211,17 @@ def test_lr_schedulers_drive_the_inner_learning_rate_also_after_resume(name):
 # --------------------------------------------------------------- 3. resume
 
 
-@pytest.mark.parametrize("inner_name, pullback, scheduled", [
-    ("sgd", "none", False), ("sgd", "none", True), ("adam", "none", False), ("adam", "none", True),
-    ("sgd", "pullback", True), ("adam", "reset", False),
-])
+@pytest.mark.parametrize(
+    "inner_name, pullback, scheduled",
+    [
+        ("sgd", "none", False),
+        ("sgd", "none", True),
+        ("adam", "none", False),
+        ("adam", "none", True),
+        ("sgd", "pullback", True),
+        ("adam", "reset", False),
+    ],
+)
 def test_exact_resume_mid_cycle_into_fresh_objects(inner_name, pullback, scheduled):
     make_inner, tau, data = INNER[inner_name], 5, batches(16)
 
@@ -220,8 +238,9 @@ def test_exact_resume_mid_cycle_into_fresh_objects(inner_name, pullback, schedul
     opt, sched = build(model)
     train(model, opt, data[:7], sched)  # 7 % 5 != 0: mid-cycle
     assert opt.step_count % tau != 0
-    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict(),
-                      "sched": sched.state_dict() if sched else None})
+    ckpt = roundtrip(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict() if sched else None}
+    )
     own = ckpt["opt"]["lookahead"]
     assert own["step_count"] == 7 and sorted(own["slow_params"]) == [0, 1, 2, 3]
     assert sorted(ckpt["opt"]["state"]) == [0, 1, 2, 3]
@@ -277,8 +296,7 @@ def test_mismatched_checkpoint_is_refused_before_anything_changes():
         opt.load_state_dict(bad)
     after = opt.state_dict()
     assert after["lookahead"]["step_count"] == 2 and after["lookahead"]["tau"] == 3
-    assert_bitwise(list(after["lookahead"]["slow_params"].values()),
-                   list(before["lookahead"]["slow_params"].values()))
+    assert_bitwise(list(after["lookahead"]["slow_params"].values()), list(before["lookahead"]["slow_params"].values()))
     other = Lookahead(sgd(model.parameters()), tau=7, alpha=0.9)  # the checkpoint's hyperparameters win
     other.load_state_dict(before)
     assert (other.tau, other.alpha, other.step_count) == (3, 0.5, 2)
@@ -287,10 +305,15 @@ def test_mismatched_checkpoint_is_refused_before_anything_changes():
 # ------------------------------------------------------------- 4. slow weights
 
 
-@pytest.mark.parametrize("dtype, expected", [
-    (torch.float32, torch.float32), (torch.float64, torch.float64),
-    (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-])
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ],
+)
 def test_slow_weight_dtype_device_and_leafness(dtype, expected):
     assert slow_dtype(dtype) == expected
     model = mlp(dtype=dtype)
@@ -449,7 +472,7 @@ def test_grad_scaler_skipped_step_does_not_advance_the_counter():
     data = batches(7)
     model = mlp()
     opt = Lookahead(sgd(model.parameters()), tau=3)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     for k, (X, Y) in enumerate(data):
         opt.zero_grad()
         loss = loss_of(model, X, Y)
@@ -460,7 +483,7 @@ def test_grad_scaler_skipped_step_does_not_advance_the_counter():
         scaler.step(opt)
         scaler.update()
         if k == 2:
-            assert opt.step_count == 2 and scaler.get_scale() == 2.0 ** 7
+            assert opt.step_count == 2 and scaler.get_scale() == 2.0**7
             assert_bitwise(params_of(model), before)
     assert opt.step_count == 6
 
@@ -480,13 +503,14 @@ def test_first_sync_after_exactly_tau_steps_anchored_at_the_start():
     for p, s in zip(model.parameters(), start):
         assert torch.equal(opt.slow_state[p]["slow_param"], s)
     data = batches(tau)
-    train(model, opt, data[:tau - 1])
+    train(model, opt, data[: tau - 1])
     for p, s in zip(model.parameters(), start):
         assert torch.equal(opt.slow_state[p]["slow_param"], s) and not torch.equal(p, s)
     inner_x = {}
     handle = opt.optimizer.register_step_post_hook(
-        lambda o, a, k: inner_x.update({id(p): p.detach().clone() for p in model.parameters()}))
-    train(model, opt, data[tau - 1:])
+        lambda o, a, k: inner_x.update({id(p): p.detach().clone() for p in model.parameters()})
+    )
+    train(model, opt, data[tau - 1 :])
     handle.remove()
     for p, s in zip(model.parameters(), start):
         z = opt.slow_state[p]["slow_param"]
@@ -527,13 +551,14 @@ def test_gradient_accumulation_and_clipping_count_optimizer_steps():
         nn.utils.clip_grad_norm_(model.parameters(), 0.05)
         opt.step()
     assert opt.step_count == 7
-    expected = reference_run(ref_model, sgd(ref_model.parameters(), lr=0.2), data, tau, 0.4,
-                             accumulate=2, clip=0.05)
+    expected = reference_run(ref_model, sgd(ref_model.parameters(), lr=0.2), data, tau, 0.4, accumulate=2, clip=0.05)
     assert_bitwise(params_of(model), expected)
 
 
-@pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")),
-                    reason="torch.compile's CPU backend needs a C++ compiler")
+@pytest.mark.skipif(
+    not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")),
+    reason="torch.compile's CPU backend needs a C++ compiler",
+)
 def test_torch_compile_of_step_matches_eager():
     # Inductor rounds SGD's update differently from eager (1 ulp even for bare SGD),
     # so the comparison is to the float64 tolerance, not bitwise.
@@ -567,9 +592,13 @@ def test_first_moment_policy_at_a_sync(inner_name, key, pullback):
     model = mlp()
     opt = Lookahead(INNER[inner_name](model.parameters()), tau=tau, alpha=alpha, pullback=pullback)
     seen = {}
-    opt.optimizer.register_step_post_hook(lambda o, a, k: seen.update(
-        m=_moments(opt, key), v=_moments(opt, "exp_avg_sq") if inner_name == "adam" else {},
-        step=_moments(opt, "step") if inner_name == "adam" else {}))
+    opt.optimizer.register_step_post_hook(
+        lambda o, a, k: seen.update(
+            m=_moments(opt, key),
+            v=_moments(opt, "exp_avg_sq") if inner_name == "adam" else {},
+            step=_moments(opt, "step") if inner_name == "adam" else {},
+        )
+    )
     snapshot = {id(p): torch.zeros_like(p) for p in model.parameters()}
     for k, (X, Y) in enumerate(batches(6)):
         opt.zero_grad()
@@ -595,10 +624,13 @@ def test_first_moment_policy_at_a_sync(inner_name, key, pullback):
                 assert torch.equal(opt.state[p]["step"], seen["step"][id(p)])
 
 
-@pytest.mark.parametrize("make, name", [
-    (lambda ps: torch.optim.SGD(ps, lr=0.1), "SGD param group 0 has momentum=0"),
-    (lambda ps: torch.optim.Adagrad(ps, lr=0.1), "Adagrad has none"),
-])
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda ps: torch.optim.SGD(ps, lr=0.1), "SGD param group 0 has momentum=0"),
+        (lambda ps: torch.optim.Adagrad(ps, lr=0.1), "Adagrad has none"),
+    ],
+)
 @pytest.mark.parametrize("pullback", ["reset", "pullback"])
 def test_pullback_needs_a_first_moment_buffer(make, name, pullback):
     with pytest.raises(ConfigError, match=name):
@@ -675,6 +707,7 @@ def _sgd_base(lr=0.05, mu=0.9):
         for i, (xi, gi) in enumerate(zip(x, g)):
             bufs[i] = gi.clone() if i not in bufs else mu * bufs[i] + gi
             x[i] = xi - lr * bufs[i]
+
     return step
 
 
@@ -688,6 +721,7 @@ def _adam_base(lr=0.01, b1=0.9, b2=0.999, eps=1e-8):
             v[i] = (1 - b2) * gi * gi + (b2 * v[i] if i in v else 0)
             m_hat, v_hat = m[i] / (1 - b1 ** t[0]), v[i] / (1 - b2 ** t[0])
             x[i] = xi - lr * m_hat / (v_hat.sqrt() + eps)
+
     return step
 
 

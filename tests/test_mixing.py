@@ -1,4 +1,5 @@
 """Mixing matrices and schedules: validation, invariant vectors, consensus rates."""
+
 import math
 
 import numpy as np

@@ -5,6 +5,7 @@ weights agent j takes, P[i, j] != 0 means agent i's buffer reaches agent j),
 not by calling the compiler. Weights are compared after rounding to 12 digits:
 Metropolis-Hastings diagonals such as 1 - 2/3 are not exactly 1/3.
 """
+
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -72,12 +73,22 @@ def test_ring_of_four_on_two_ranks_sends_only_the_boundary_agents():
     """Agents 0, 1 on rank 0 and 2, 3 on rank 1: agent 1 talks to 2, agent 0 to 3 (across the wrap)."""
     P = only_matrix(builtin("ring", world_size=4))
     expected = {
-        0: Plan(0, exchange=Exchange(
-            sends=((1, (0, 1)),), recvs=((1, (2, 3)),),
-            combine=((0, ((0, T), (1, T), (3, T))), (1, ((1, T), (0, T), (2, T)))))),
-        1: Plan(1, exchange=Exchange(
-            sends=((0, (2, 3)),), recvs=((0, (0, 1)),),
-            combine=((2, ((2, T), (1, T), (3, T))), (3, ((3, T), (0, T), (2, T)))))),
+        0: Plan(
+            0,
+            exchange=Exchange(
+                sends=((1, (0, 1)),),
+                recvs=((1, (2, 3)),),
+                combine=((0, ((0, T), (1, T), (3, T))), (1, ((1, T), (0, T), (2, T)))),
+            ),
+        ),
+        1: Plan(
+            1,
+            exchange=Exchange(
+                sends=((0, (2, 3)),),
+                recvs=((0, (0, 1)),),
+                combine=((2, ((2, T), (1, T), (3, T))), (3, ((3, T), (0, T), (2, T)))),
+            ),
+        ),
     }
     assert_plans(P, (0, 0, 1, 1), expected)
 
@@ -110,13 +121,21 @@ def test_star_hub_exchanges_with_every_leaf_and_each_leaf_only_with_the_hub():
     P = only_matrix(builtin("star", world_size=4))
     q = 0.25
     np.testing.assert_allclose(P, [[q, q, q, q], [q, 0.75, 0, 0], [q, 0, 0.75, 0], [q, 0, 0, 0.75]], atol=1e-15)
-    expected = {0: Plan(0, exchange=Exchange(
-        sends=((1, (0,)), (2, (0,)), (3, (0,))),
-        recvs=((1, (1,)), (2, (2,)), (3, (3,))),
-        combine=((0, ((0, q), (1, q), (2, q), (3, q))),)))}
+    expected = {
+        0: Plan(
+            0,
+            exchange=Exchange(
+                sends=((1, (0,)), (2, (0,)), (3, (0,))),
+                recvs=((1, (1,)), (2, (2,)), (3, (3,))),
+                combine=((0, ((0, q), (1, q), (2, q), (3, q))),),
+            ),
+        )
+    }
     for leaf in (1, 2, 3):
-        expected[leaf] = Plan(leaf, exchange=Exchange(
-            sends=((0, (leaf,)),), recvs=((0, (0,)),), combine=((leaf, ((leaf, 0.75), (0, q))),)))
+        expected[leaf] = Plan(
+            leaf,
+            exchange=Exchange(sends=((0, (leaf,)),), recvs=((0, (0,)),), combine=((leaf, ((leaf, 0.75), (0, q))),)),
+        )
     assert_plans(P, (0, 1, 2, 3), expected)
     assert compile_plan(P, (0, 1, 2, 3), 0).messages() == 3
     assert compile_plan(P, (0, 1, 2, 3), 3).messages() == 1
@@ -139,28 +158,42 @@ def test_hierarchical_2x2_one_agent_per_rank_is_two_pairs_of_all_reduces():
     intra, inter = hierarchical_2x2()
     # intra-node average: {0, 1} and {2, 3}
     assert group_rank_sets(intra, (0, 1, 2, 3)) == [(0, 1), (2, 3)]
-    assert_plans(intra, (0, 1, 2, 3), {
-        r: Plan(r, allreduces=(AllReduce((0, 1) if r < 2 else (2, 3), ((r, 0.5),), (r,)),)) for r in range(4)})
+    assert_plans(
+        intra,
+        (0, 1, 2, 3),
+        {r: Plan(r, allreduces=(AllReduce((0, 1) if r < 2 else (2, 3), ((r, 0.5),), (r,)),)) for r in range(4)},
+    )
     # inter-node ring on 2 nodes (a single edge): agent a of node 0 with agent a of node 1, {0, 2} and {1, 3}
     assert group_rank_sets(inter, (0, 1, 2, 3)) == [(0, 2), (1, 3)]
-    assert_plans(inter, (0, 1, 2, 3), {
-        r: Plan(r, allreduces=(AllReduce((0, 2) if r % 2 == 0 else (1, 3), ((r, 0.5),), (r,)),)) for r in range(4)})
+    assert_plans(
+        inter,
+        (0, 1, 2, 3),
+        {r: Plan(r, allreduces=(AllReduce((0, 2) if r % 2 == 0 else (1, 3), ((r, 0.5),), (r,)),)) for r in range(4)},
+    )
 
 
 def test_hierarchical_2x2_one_node_per_rank_averages_locally_then_all_reduces_twice():
     intra, inter = hierarchical_2x2()
     placement = (0, 0, 1, 1)
     assert group_rank_sets(intra, placement) == []
-    assert_plans(intra, placement, {
-        0: Plan(0, local=LocalCombine(((0, ((0, 0.5), (1, 0.5))), (1, ((1, 0.5), (0, 0.5)))))),
-        1: Plan(1, local=LocalCombine(((2, ((2, 0.5), (3, 0.5))), (3, ((3, 0.5), (2, 0.5)))))),
-    })
+    assert_plans(
+        intra,
+        placement,
+        {
+            0: Plan(0, local=LocalCombine(((0, ((0, 0.5), (1, 0.5))), (1, ((1, 0.5), (0, 0.5)))))),
+            1: Plan(1, local=LocalCombine(((2, ((2, 0.5), (3, 0.5))), (3, ((3, 0.5), (2, 0.5)))))),
+        },
+    )
     # components {0, 2} and {1, 3} both span ranks 0 and 1: two all-reduces over the same ranks, in that order
     assert group_rank_sets(inter, placement) == [(0, 1), (0, 1)]
-    assert_plans(inter, placement, {
-        0: Plan(0, allreduces=(AllReduce((0, 1), ((0, 0.5),), (0,)), AllReduce((0, 1), ((1, 0.5),), (1,)))),
-        1: Plan(1, allreduces=(AllReduce((0, 1), ((2, 0.5),), (2,)), AllReduce((0, 1), ((3, 0.5),), (3,)))),
-    })
+    assert_plans(
+        inter,
+        placement,
+        {
+            0: Plan(0, allreduces=(AllReduce((0, 1), ((0, 0.5),), (0,)), AllReduce((0, 1), ((1, 0.5),), (1,)))),
+            1: Plan(1, allreduces=(AllReduce((0, 1), ((2, 0.5),), (2,)), AllReduce((0, 1), ((3, 0.5),), (3,)))),
+        },
+    )
     assert compile_plan(inter, placement, 0).messages() == 2
     assert compile_plan(intra, placement, 0).messages() == 0
 
@@ -176,14 +209,17 @@ def test_directed_push_sum_sends_along_out_edges_and_receives_along_in_edges():
     h = 0.5
     np.testing.assert_allclose(P, [[T, T, T, 0], [0, h, h, 0], [0, 0, h, h], [h, 0, 0, h]], atol=1e-15)
     expected = {
-        0: Plan(0, exchange=Exchange(sends=((1, (0,)), (2, (0,))), recvs=((3, (3,)),),
-                                     combine=((0, ((0, T), (3, h))),))),
-        1: Plan(1, exchange=Exchange(sends=((2, (1,)),), recvs=((0, (0,)),),
-                                     combine=((1, ((1, h), (0, T))),))),
-        2: Plan(2, exchange=Exchange(sends=((3, (2,)),), recvs=((0, (0,)), (1, (1,))),
-                                     combine=((2, ((2, h), (0, T), (1, h))),))),
-        3: Plan(3, exchange=Exchange(sends=((0, (3,)),), recvs=((2, (2,)),),
-                                     combine=((3, ((3, h), (2, h))),))),
+        0: Plan(
+            0, exchange=Exchange(sends=((1, (0,)), (2, (0,))), recvs=((3, (3,)),), combine=((0, ((0, T), (3, h))),))
+        ),
+        1: Plan(1, exchange=Exchange(sends=((2, (1,)),), recvs=((0, (0,)),), combine=((1, ((1, h), (0, T))),))),
+        2: Plan(
+            2,
+            exchange=Exchange(
+                sends=((3, (2,)),), recvs=((0, (0,)), (1, (1,))), combine=((2, ((2, h), (0, T), (1, h))),)
+            ),
+        ),
+        3: Plan(3, exchange=Exchange(sends=((0, (3,)),), recvs=((2, (2,)),), combine=((3, ((3, h), (2, h))),))),
     }
     assert_plans(P, t.placement, expected)
     # a directed graph: who sends to whom is not who receives from whom
@@ -197,8 +233,14 @@ def test_hand_made_row_stochastic_matrix_with_a_sender_that_keeps_nothing():
     expected = {
         0: Plan(0, exchange=Exchange(sends=((2, (0,)),), recvs=((2, (2,)),), combine=((0, ((0, 0.5), (2, 0.25))),))),
         1: Plan(1, exchange=Exchange(sends=((2, (1,)),), recvs=((2, (2,)),), combine=((1, ((2, 0.25),)),))),
-        2: Plan(2, exchange=Exchange(sends=((0, (2,)), (1, (2,))), recvs=((0, (0,)), (1, (1,))),
-                                     combine=((2, ((2, 0.5), (0, 0.5), (1, 1.0))),))),
+        2: Plan(
+            2,
+            exchange=Exchange(
+                sends=((0, (2,)), (1, (2,))),
+                recvs=((0, (0,)), (1, (1,))),
+                combine=((2, ((2, 0.5), (0, 0.5), (1, 1.0))),),
+            ),
+        ),
     }
     assert_plans(P, (0, 1, 2), expected)
 
@@ -229,18 +271,26 @@ def test_two_agents_on_two_ranks_are_one_weighted_all_reduce():
     for r in (0, 1):
         assert compile_plan(local, (0, 1), r).is_noop
     assert group_rank_sets(sync, (0, 1)) == [(0, 1)]
-    assert_plans(sync, (0, 1), {
-        0: Plan(0, allreduces=(AllReduce((0, 1), ((0, 0.3),), (0,)),)),
-        1: Plan(1, allreduces=(AllReduce((0, 1), ((1, 0.7),), (1,)),)),
-    })
+    assert_plans(
+        sync,
+        (0, 1),
+        {
+            0: Plan(0, allreduces=(AllReduce((0, 1), ((0, 0.3),), (0,)),)),
+            1: Plan(1, allreduces=(AllReduce((0, 1), ((1, 0.7),), (1,)),)),
+        },
+    )
 
 
 def test_alpha_one_slow_rank_contributes_nothing_but_still_joins_the_all_reduce():
     _, sync = two_agent(1.0)
-    assert_plans(sync, (0, 1), {
-        0: Plan(0, allreduces=(AllReduce((0, 1), ((0, 1.0),), (0,)),)),
-        1: Plan(1, allreduces=(AllReduce((0, 1), (), (1,)),)),
-    })
+    assert_plans(
+        sync,
+        (0, 1),
+        {
+            0: Plan(0, allreduces=(AllReduce((0, 1), ((0, 1.0),), (0,)),)),
+            1: Plan(1, allreduces=(AllReduce((0, 1), (), (1,)),)),
+        },
+    )
 
 
 # -- properties over every shipped topology ------------------------------------------------------
@@ -265,7 +315,7 @@ def test_every_send_has_its_receive_and_every_entry_is_realised_once(P, placemen
     recvs = {(peer, p.rank): agents for p in plans if p.exchange for peer, agents in p.exchange.recvs}
     assert sends == recvs
     for r, p in enumerate(plans):
-        for peer, agents in (p.exchange.sends if p.exchange else ()):
+        for peer, agents in p.exchange.sends if p.exchange else ():
             assert peer != r and all(placement[i] == r for i in agents)
     # rebuild P from the plans: combine weights directly; the m-th all-reduce over a rank set S on every
     # member of S is one collective, whose receivers all take sum_i c_i x_i over every member's coeffs

@@ -1,5 +1,6 @@
 """The planner: rows computed by hand on small clusters, DFT consensus rates against eigendecompositions, the
 recommendation and the command line (no processes)."""
+
 from __future__ import annotations
 
 import math
@@ -35,10 +36,20 @@ def rows8():
 
 def test_every_family_has_a_row(rows8):
     assert set(rows8) == {
-        "ring", "torus", "exponential", "one-peer exponential", "hierarchical (ring across nodes)",
-        "hierarchical (exponential across nodes)", "complete (parameter all-reduce)", "all-reduce SGD (DDP)",
-        "local SGD tau=4", "local SGD tau=12", "local SGD tau=48", "SlowMo tau=12 over one-peer exp.",
-        "SlowMo tau=48 over one-peer exp."}
+        "ring",
+        "torus",
+        "exponential",
+        "one-peer exponential",
+        "hierarchical (ring across nodes)",
+        "hierarchical (exponential across nodes)",
+        "complete (parameter all-reduce)",
+        "all-reduce SGD (DDP)",
+        "local SGD tau=4",
+        "local SGD tau=12",
+        "local SGD tau=48",
+        "SlowMo tau=12 over one-peer exp.",
+        "SlowMo tau=48 over one-peer exp.",
+    }
     assert rows8["torus"].note.startswith("not built")  # 8 = 2 x 4 has no torus with both sides >= 3
 
 
@@ -67,14 +78,17 @@ def test_rows_by_hand(rows8):
     assert sm.steps == 3 and sm.comm_s == pytest.approx(op.comm_s + ar / 12)
 
 
-@pytest.mark.parametrize("phases, shape", [
-    ([Phase(ring(12))], None),
-    ([Phase(exponential(10))], None),
-    (one_peer_exponential(6), None),
-    ([Phase(torus(3, 4))], (3, 4)),
-    ([Phase(torus(4, 5))], (4, 5)),
-    ([Phase(ring(9), 3), Phase(exponential(9))], None),
-])
+@pytest.mark.parametrize(
+    "phases, shape",
+    [
+        ([Phase(ring(12))], None),
+        ([Phase(exponential(10))], None),
+        (one_peer_exponential(6), None),
+        ([Phase(torus(3, 4))], (3, 4)),
+        ([Phase(torus(4, 5))], (4, 5)),
+        ([Phase(ring(9), 3), Phase(exponential(9))], None),
+    ],
+)
 def test_dft_rates_equal_the_eigendecomposition(phases, shape):
     assert consensus_rate_fast(phases, shape) == pytest.approx(Schedule(phases).consensus_rate(), abs=1e-10)
 
@@ -112,8 +126,11 @@ def test_parsers():
     assert parse_rate("25gbit") == 25e9 and parse_rate("500mbit") == 5e8
     assert parse_time("5us") == pytest.approx(5e-6) and parse_time("0") == 0.0
     assert parse_count("25M") == 25e6 and parse_count("25.6m") == pytest.approx(25.6e6)
-    for bad, fn, name in (("fast", parse_rate, "--bandwidth"), ("5 parsecs", parse_time, "--latency"),
-                          ("0", parse_count, "--params")):
+    for bad, fn, name in (
+        ("fast", parse_rate, "--bandwidth"),
+        ("5 parsecs", parse_time, "--latency"),
+        ("0", parse_count, "--params"),
+    ):
         with pytest.raises(ConfigError, match=name):
             fn(bad)
     with pytest.raises(ConfigError, match="--nodes"):
@@ -121,8 +138,22 @@ def test_parsers():
 
 
 def test_command_line_prints_the_table_and_a_recommendation(capsys):
-    code = main(["--world-size", "16", "--nodes", "4", "--bandwidth", "10gbit", "--latency", "5us",
-                 "--params", "1M", "--compute-ms", "50"])
+    code = main(
+        [
+            "--world-size",
+            "16",
+            "--nodes",
+            "4",
+            "--bandwidth",
+            "10gbit",
+            "--latency",
+            "5us",
+            "--params",
+            "1M",
+            "--compute-ms",
+            "50",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "| one-peer exponential |" in out and "| torus |" in out and "recommended: " in out
@@ -136,7 +167,7 @@ def test_planner_speed_uses_symmetry():
 
     cache: dict = {}
     t = traffic_of_phase(exponential(256), tuple(range(256)), 10, cache)
-    (s, plans), = cache.values()
+    ((s, plans),) = cache.values()
     assert s == 1 and len(plans) == 1 and len(t) == 256
     assert ring_allreduce_time(10, 1, 1.0) == 0.0
     assert np.all([len(x.sends) == 8 for x in t])
@@ -145,7 +176,8 @@ def test_planner_speed_uses_symmetry():
 def test_hierarchical_rows_need_several_ranks_per_node():
     rows = {r.name: r for r in plan_rows(8, 8, LINKS, 1e6)}
     assert rows["hierarchical (ring across nodes)"].note == (
-        "not built: one rank per node: the same as the graph across nodes")
+        "not built: one rank per node: the same as the graph across nodes"
+    )
     assert math.isnan(rows["hierarchical (exponential across nodes)"].blocking_s)
 
 

@@ -1,4 +1,5 @@
 """The README's two commands stay true: CI runs the README's test command verbatim."""
+
 import re
 from pathlib import Path
 

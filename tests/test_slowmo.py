@@ -1,4 +1,5 @@
 """SlowMo on spawned gloo ranks against the float64 reference engine and its reductions."""
+
 import copy
 import datetime
 import os
@@ -62,9 +63,14 @@ def base_schedule(cfg):
 def reference_hist(cfg, steps=STEPS, weights=None):
     prob = workers.make_problem(W)
     ref = Reference(
-        base_schedule(cfg), ["fast"] * W, prob.x0, prob, lambda p: workers.sgd(p, cfg.get("lr", workers.LR)),
+        base_schedule(cfg),
+        ["fast"] * W,
+        prob.x0,
+        prob,
+        lambda p: workers.sgd(p, cfg.get("lr", workers.LR)),
         slow_momentum=SlowMomentum(alpha=cfg["alpha"], beta=cfg["beta"], tau=cfg["tau"]),
-        optimizer_state=cfg.get("optimizer_state", "keep"), grad_mixing="average" if cfg.get("ddp") else None,
+        optimizer_state=cfg.get("optimizer_state", "keep"),
+        grad_mixing="average" if cfg.get("ddp") else None,
     )
     hist = [ref.X.clone()]
     for k in range(steps):
@@ -101,8 +107,7 @@ def test_beta_zero_is_the_mixing_engine_matrix_step(runs):
     sched = Schedule([Phase(np.eye(n), tau - 1), Phase(sync, 1)])
     prob = workers.make_problem(W)
     objective = prob
-    ref = Reference(sched, ["fast"] * W + ["slow"], prob.x0, _PadAgents(objective, W), workers.sgd,
-                    record_every=1)
+    ref = Reference(sched, ["fast"] * W + ["slow"], prob.x0, _PadAgents(objective, W), workers.sgd, record_every=1)
     trace = ref.run(STEPS)
     for r in range(W):
         for k in range(STEPS + 1):
@@ -146,15 +151,18 @@ def test_resume_mid_window_is_bitwise(runs, name):
         assert torch.equal(runs[r][name]["full"], runs[r][name]["resumed"]), (name, r)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(tau=0), "tau must be an integer >= 1, got 0"),
-    (dict(tau=2.5), "tau must be an integer >= 1, got 2.5"),
-    (dict(alpha=0.0), r"alpha must lie in \(0, 1\], got 0.0"),
-    (dict(alpha=1.5), r"alpha must lie in \(0, 1\], got 1.5 \(pass max_alpha"),
-    (dict(beta=1.0), r"beta must lie in \[0, 1\), got 1.0"),
-    (dict(beta=-0.1), r"beta must lie in \[0, 1\), got -0.1"),
-    (dict(optimizer_state="sometimes"), "optimizer_state must be one of"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(tau=0), "tau must be an integer >= 1, got 0"),
+        (dict(tau=2.5), "tau must be an integer >= 1, got 2.5"),
+        (dict(alpha=0.0), r"alpha must lie in \(0, 1\], got 0.0"),
+        (dict(alpha=1.5), r"alpha must lie in \(0, 1\], got 1.5 \(pass max_alpha"),
+        (dict(beta=1.0), r"beta must lie in \[0, 1\), got 1.0"),
+        (dict(beta=-0.1), r"beta must lie in \[0, 1\), got -0.1"),
+        (dict(optimizer_state="sometimes"), "optimizer_state must be one of"),
+    ],
+)
 def test_invalid_settings_are_clear_errors(kw, match):
     from lookahead_dist.slowmo import SlowMo
 

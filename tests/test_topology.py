@@ -1,4 +1,5 @@
 """Topologies: built-in generators, the YAML loader, its errors, the command line."""
+
 import re
 import subprocess
 import sys
@@ -310,8 +311,14 @@ def test_push_sum_edges_split_mass():
 
 
 def test_schedule_inserts_generator_phases_and_repeats_them():
-    t = from_mapping({"schedule": [{"generator": {"type": "two_agent", "tau": 3}, "repeat": 2},
-                                   {"matrix": [[0.5, 0.5], [0.5, 0.5]], "repeat": 2}]})
+    t = from_mapping(
+        {
+            "schedule": [
+                {"generator": {"type": "two_agent", "tau": 3}, "repeat": 2},
+                {"matrix": [[0.5, 0.5], [0.5, 0.5]], "repeat": 2},
+            ]
+        }
+    )
     assert [p.repeat for p in t.schedule.phases] == [2, 1, 2, 1, 2]
     assert t.schedule.period == 8 and t.roles == ("fast", "slow")
 
@@ -351,8 +358,11 @@ def test_error_unknown_key_in_phase(tmp_path):
 
 
 def test_error_unknown_key_in_generator_mapping(tmp_path):
-    raises(tmp_path, "generator: {type: torus, rows: 3, cols: 3, sides: 4}\n",
-           r"generator\.sides: torus: unknown parameter; torus takes torus\(rows: int, cols: int\) \(got 4\)")
+    raises(
+        tmp_path,
+        "generator: {type: torus, rows: 3, cols: 3, sides: 4}\n",
+        r"generator\.sides: torus: unknown parameter; torus takes torus\(rows: int, cols: int\) \(got 4\)",
+    )
 
 
 def test_error_unknown_generator(tmp_path):
@@ -360,8 +370,12 @@ def test_error_unknown_generator(tmp_path):
 
 
 def test_error_repeat_wrong_type(tmp_path):
-    raises(tmp_path, 'schedule:\n  - {generator: ring, repeat: "two"}\n',
-           r"schedule\[0\]\.repeat: must be an integer >= 1 \(got 'two'\)", 4)
+    raises(
+        tmp_path,
+        'schedule:\n  - {generator: ring, repeat: "two"}\n',
+        r"schedule\[0\]\.repeat: must be an integer >= 1 \(got 'two'\)",
+        4,
+    )
 
 
 def test_error_agents_wrong_type(tmp_path):
@@ -373,7 +387,9 @@ def test_error_matrix_of_strings(tmp_path):
 
 
 def test_error_ragged_matrix(tmp_path):
-    raises(tmp_path, "matrix: [[0.5, 0.5], [0.5]]\n", r"matrix\[1\]: ragged matrix: row 1 has 1 entries but row 0 has 2")
+    raises(
+        tmp_path, "matrix: [[0.5, 0.5], [0.5]]\n", r"matrix\[1\]: ragged matrix: row 1 has 1 entries but row 0 has 2"
+    )
 
 
 def test_error_non_square_matrix(tmp_path):
@@ -381,12 +397,19 @@ def test_error_non_square_matrix(tmp_path):
 
 
 def test_error_negative_weight(tmp_path):
-    raises(tmp_path, "schedule:\n  - matrix: [[1, 0], [0, 1]]\n  - matrix: [[1.5, 0.5], [-0.5, 0.5]]\n",
-           r"schedule\[1\]\.matrix\[1\]\[0\]: weights must be >= 0 \(got -0\.5\)")
+    raises(
+        tmp_path,
+        "schedule:\n  - matrix: [[1, 0], [0, 1]]\n  - matrix: [[1.5, 0.5], [-0.5, 0.5]]\n",
+        r"schedule\[1\]\.matrix\[1\]\[0\]: weights must be >= 0 \(got -0\.5\)",
+    )
 
 
 def test_error_nan_weight(tmp_path):
-    raises(tmp_path, "matrix: [[0.5, .nan], [0.5, 0.5]]\n", r"matrix\[0\]\[1\]: NaN/inf weights are not allowed \(got nan\)")
+    raises(
+        tmp_path,
+        "matrix: [[0.5, .nan], [0.5, 0.5]]\n",
+        r"matrix\[0\]\[1\]: NaN/inf weights are not allowed \(got nan\)",
+    )
 
 
 def test_error_inf_weight(tmp_path):
@@ -412,13 +435,20 @@ def test_error_world_size_does_not_fit_matrix(tmp_path):
 
 
 def test_error_torus_side_too_small(tmp_path):
-    raises(tmp_path, "generator: {type: torus, rows: 2, cols: 5}\n",
-           r"generator\.rows: torus: a torus needs both sides >= 3 \(shape 2 x 5\) \(got 2\)")
+    raises(
+        tmp_path,
+        "generator: {type: torus, rows: 2, cols: 5}\n",
+        r"generator\.rows: torus: a torus needs both sides >= 3 \(shape 2 x 5\) \(got 2\)",
+    )
 
 
 def test_error_torus_shape_does_not_match_world_size(tmp_path):
-    raises(tmp_path, "generator: {type: torus, rows: 3, cols: 3}\n",
-           r"generator\.rows: torus: rows \* cols = 3 \* 3 = 9 does not match the 8 agents \(n = 8 from world size 8\)", 8)
+    raises(
+        tmp_path,
+        "generator: {type: torus, rows: 3, cols: 3}\n",
+        r"generator\.rows: torus: rows \* cols = 3 \* 3 = 9 does not match the 8 agents \(n = 8 from world size 8\)",
+        8,
+    )
 
 
 def test_error_hypercube_not_power_of_two(tmp_path):
@@ -430,7 +460,12 @@ def test_error_two_agent_world_size(tmp_path):
 
 
 def test_error_placement_vs_world_size(tmp_path):
-    raises(tmp_path, "generator: complete\nplacement: [0, 0, 1, 1]\n", r"placement: uses 2 ranks but the world size is 3", 3)
+    raises(
+        tmp_path,
+        "generator: complete\nplacement: [0, 0, 1, 1]\n",
+        r"placement: uses 2 ranks but the world size is 3",
+        3,
+    )
 
 
 def test_error_placement_rank_without_agent(tmp_path):
@@ -442,7 +477,11 @@ def test_error_placement_rank_out_of_range(tmp_path):
 
 
 def test_error_edge_node_out_of_range(tmp_path):
-    raises(tmp_path, "nodes: 3\nedges: [[0, 1], [1, 3]]\n", r"edges\[1\]\[1\]: node index out of range 0 \.\. 2 \(3 agents\) \(got 3\)")
+    raises(
+        tmp_path,
+        "nodes: 3\nedges: [[0, 1], [1, 3]]\n",
+        r"edges\[1\]\[1\]: node index out of range 0 \.\. 2 \(3 agents\) \(got 3\)",
+    )
 
 
 def test_error_role_node_out_of_range(tmp_path):
@@ -454,7 +493,11 @@ def test_error_empty_schedule(tmp_path):
 
 
 def test_error_role_not_fast_or_slow(tmp_path):
-    raises(tmp_path, "generator: ring\nroles: [fast, medium, fast]\n", r"roles\[1\]: a role is fast or slow \(got 'medium'\)")
+    raises(
+        tmp_path,
+        "generator: ring\nroles: [fast, medium, fast]\n",
+        r"roles\[1\]: a role is fast or slow \(got 'medium'\)",
+    )
 
 
 def test_error_roles_wrong_length(tmp_path):
@@ -466,8 +509,11 @@ def test_error_no_fast_agent(tmp_path):
 
 
 def test_error_never_reaches_consensus(tmp_path):
-    msg = raises(tmp_path, "agents: 2\nschedule:\n  - {matrix: [[1, 0], [0, 1]], repeat: 4}\n",
-                 r"schedule: the schedule never reaches consensus: its period consensus rate is 1 >= 1")
+    msg = raises(
+        tmp_path,
+        "agents: 2\nschedule:\n  - {matrix: [[1, 0], [0, 1]], repeat: 4}\n",
+        r"schedule: the schedule never reaches consensus: its period consensus rate is 1 >= 1",
+    )
     assert "allow_no_consensus" in msg
 
 
@@ -476,7 +522,11 @@ def test_error_disconnected_groups_never_reach_consensus(tmp_path):
 
 
 def test_error_malformed_yaml(tmp_path):
-    raises(tmp_path, "generator: ring\nroles: [fast, slow\nplacement: [0, 1]\n", r"topo\.yaml:\d+: line \d+, column \d+: malformed YAML")
+    raises(
+        tmp_path,
+        "generator: ring\nroles: [fast, slow\nplacement: [0, 1]\n",
+        r"topo\.yaml:\d+: line \d+, column \d+: malformed YAML",
+    )
 
 
 def test_error_duplicate_yaml_key(tmp_path):
@@ -484,7 +534,11 @@ def test_error_duplicate_yaml_key(tmp_path):
 
 
 def test_error_two_sources(tmp_path):
-    raises(tmp_path, "generator: ring\nmatrix: [[1]]\n", r"\(top level\): give exactly one of generator, matrix, edges, schedule")
+    raises(
+        tmp_path,
+        "generator: ring\nmatrix: [[1]]\n",
+        r"\(top level\): give exactly one of generator, matrix, edges, schedule",
+    )
 
 
 def test_error_mixed_weighted_edges(tmp_path):
@@ -492,8 +546,11 @@ def test_error_mixed_weighted_edges(tmp_path):
 
 
 def test_error_incoming_weights_above_one(tmp_path):
-    raises(tmp_path, "edges: [[0, 1, 0.7], [2, 1, 0.5], [1, 0, 0.1], [1, 2, 0.1]]\n",
-           r"edges: column 1: the weights of agent 1 sum to 1\.2 > 1")
+    raises(
+        tmp_path,
+        "edges: [[0, 1, 0.7], [2, 1, 0.5], [1, 0, 0.1], [1, 2, 0.1]]\n",
+        r"edges: column 1: the weights of agent 1 sum to 1\.2 > 1",
+    )
 
 
 def test_error_self_loop_column_must_sum_to_one(tmp_path):
@@ -544,8 +601,12 @@ def test_cli_error_exit_code(tmp_path, capsys):
 
 
 def test_cli_module_subprocess():
-    res = subprocess.run([sys.executable, "-m", "lookahead_dist.topology", str(TOPOLOGIES / "hierarchical.yaml")],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "lookahead_dist.topology", str(TOPOLOGIES / "hierarchical.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert re.search(r"period consensus rate: 0\b", res.stdout)
 

@@ -45,11 +45,15 @@ def main(argv=None):
 
     builders = [
         ("ring", lambda opt, m: lookahead_dist.Decentralized(opt, m, os.path.join(topologies, "ring.yaml"))),
-        ("push-sum", lambda opt, m: lookahead_dist.Decentralized(
-            opt, m, os.path.join(topologies, "directed_push_sum.yaml"))),
+        (
+            "push-sum",
+            lambda opt, m: lookahead_dist.Decentralized(opt, m, os.path.join(topologies, "directed_push_sum.yaml")),
+        ),
         ("local", lambda opt, m: lookahead_dist.SlowMo(opt, m, tau=2, base=None)),
-        ("slowmo-ring", lambda opt, m: lookahead_dist.SlowMo(
-            opt, m, tau=2, base=os.path.join(topologies, "ring.yaml"))),
+        (
+            "slowmo-ring",
+            lambda opt, m: lookahead_dist.SlowMo(opt, m, tau=2, base=os.path.join(topologies, "ring.yaml")),
+        ),
     ]
     for i, (name, build) in enumerate(builders):
         torch.manual_seed(i)

@@ -12,6 +12,7 @@ delivers locally and unshaped (the stand-in for NVLink). See
 Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN), iproute2 and util-linux.
 Nothing in the core imports this package.
 """
+
 from lookahead_dist.cluster.netns import ClusterError, parse_latency, parse_rate, usable_rate
 
 __all__ = ["ClusterError", "parse_rate", "parse_latency", "usable_rate"]

@@ -21,6 +21,7 @@
    is left inside the run's namespaces, deletes them and releases the lock.
    After SIGKILL of the launcher the next start does this.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -79,11 +80,13 @@ class Options:
         if not self.command:
             raise ConfigError("no script given: write it after '--', e.g. -- launch/train.py --config c.yaml")
         if self.probe_bytes < 17 << 20:
-            raise ConfigError(f"probe_bytes: the bandwidth probe needs at least 17 MiB (16 MiB timed), "
-                              f"got {self.probe_bytes}")
+            raise ConfigError(
+                f"probe_bytes: the bandwidth probe needs at least 17 MiB (16 MiB timed), got {self.probe_bytes}"
+            )
         if not 1 <= self.master_port <= 65535 or self.master_port == PROBE_PORT:
-            raise ConfigError(f"--master-port: must be a port in 1..65535 other than {PROBE_PORT}, "
-                              f"got {self.master_port}")
+            raise ConfigError(
+                f"--master-port: must be a port in 1..65535 other than {PROBE_PORT}, got {self.master_port}"
+            )
 
 
 class _Stop(Exception):
@@ -113,45 +116,56 @@ def rank_env(net: Network, opts: Options, node: int, local_rank: int) -> dict[st
     for key in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"):
         env.pop(key, None)  # inherited from an outer torchrun they would send the ranks to its store
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does with several processes per machine
-    env.update({
-        "RANK": str(node * opts.procs_per_node + local_rank),
-        "LOCAL_RANK": str(local_rank),
-        "WORLD_SIZE": str(world),
-        "LOCAL_WORLD_SIZE": str(opts.procs_per_node),
-        "GROUP_RANK": str(node),
-        "NODE_RANK": str(node),
-        "ROLE_RANK": str(node * opts.procs_per_node + local_rank),
-        "ROLE_WORLD_SIZE": str(world),
-        "MASTER_ADDR": net.address(0),
-        "MASTER_PORT": str(opts.master_port),
-        "TORCHELASTIC_RUN_ID": f"cluster-{net.run_id}",
-        # without it gloo advertises the hostname's address (127.0.0.1 here) and the other nodes hang
-        "GLOO_SOCKET_IFNAME": net.ifname(node),
-        "NCCL_SOCKET_IFNAME": net.ifname(node),
-        "LOOKAHEAD_DIST_CLUSTER_RUN_ID": net.run_id,
-        "LOOKAHEAD_DIST_CLUSTER_NODES": str(opts.nodes),
-        "LOOKAHEAD_DIST_CLUSTER_BANDWIDTH_BITS": str(int(opts.rate_bits)),
-        "LOOKAHEAD_DIST_CLUSTER_LATENCY_S": repr(opts.latency_s),
-    })
+    env.update(
+        {
+            "RANK": str(node * opts.procs_per_node + local_rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(opts.procs_per_node),
+            "GROUP_RANK": str(node),
+            "NODE_RANK": str(node),
+            "ROLE_RANK": str(node * opts.procs_per_node + local_rank),
+            "ROLE_WORLD_SIZE": str(world),
+            "MASTER_ADDR": net.address(0),
+            "MASTER_PORT": str(opts.master_port),
+            "TORCHELASTIC_RUN_ID": f"cluster-{net.run_id}",
+            # without it gloo advertises the hostname's address (127.0.0.1 here) and the other nodes hang
+            "GLOO_SOCKET_IFNAME": net.ifname(node),
+            "NCCL_SOCKET_IFNAME": net.ifname(node),
+            "LOOKAHEAD_DIST_CLUSTER_RUN_ID": net.run_id,
+            "LOOKAHEAD_DIST_CLUSTER_NODES": str(opts.nodes),
+            "LOOKAHEAD_DIST_CLUSTER_BANDWIDTH_BITS": str(int(opts.rate_bits)),
+            "LOOKAHEAD_DIST_CLUSTER_LATENCY_S": repr(opts.latency_s),
+        }
+    )
     env.update({k: str(v) for k, v in opts.extra_env.items()})
     return env
 
 
-def measure_bandwidth(net: Network, nbytes: int, python: str = sys.executable, src: int = 0,
-                      dst: int = 1) -> tuple[float, int]:
+def measure_bandwidth(
+    net: Network, nbytes: int, python: str = sys.executable, src: int = 0, dst: int = 1
+) -> tuple[float, int]:
     """(TCP payload bytes/s, bytes timed) from node ``src`` to node ``dst``: one stream of ``nbytes``.
 
     Timed at the receiver, from its first read to its last; the first read's bytes are not counted.
     """
     recv = subprocess.Popen(
         net.enter(dst) + [python, PROBE, "recv", net.address(dst), str(PROBE_PORT), str(nbytes)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         if recv.stdout.readline().strip() != "listening":
             raise ClusterError(f"the bandwidth probe's receiver did not start: {recv.stderr.read().strip()}")
         sent = subprocess.run(
             net.enter(src) + [python, PROBE, "send", net.address(dst), str(PROBE_PORT), str(nbytes)],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         out, err = recv.communicate(timeout=120)
     finally:
         if recv.poll() is None:
@@ -173,14 +187,21 @@ def _check_link(net: Network, opts: Options, log: Callable[[str], None]) -> None
         if abs(best / expected - 1) <= BANDWIDTH_TOLERANCE:
             break
     err = best / expected - 1
-    log(f"bandwidth node 0 -> node 1: {best * 8 / 1e9:.3f} Gbit/s of TCP payload ({best / 1e6:.1f} MB/s, "
+    log(
+        f"bandwidth node 0 -> node 1: {best * 8 / 1e9:.3f} Gbit/s of TCP payload ({best / 1e6:.1f} MB/s, "
         f"{timed / 2**20:.1f} MiB timed at the receiver); expected {expected * 8 / 1e9:.3f} Gbit/s "
-        f"= rate x 1448/1514 ({err:+.1%})")
+        f"= rate x 1448/1514 ({err:+.1%})"
+    )
     if abs(err) > BANDWIDTH_TOLERANCE:
-        why = ("slower: the CPUs cannot move this much shaped traffic (lower --bandwidth or the load on "
-               "the machine)" if err < 0 else "faster: the qdisc is not shaping the link")
-        msg = (f"the link measured {best * 8 / 1e9:.3f} Gbit/s, {err:+.1%} off the expected "
-               f"{expected * 8 / 1e9:.3f} Gbit/s (more than {BANDWIDTH_TOLERANCE:.0%}), {why}")
+        why = (
+            "slower: the CPUs cannot move this much shaped traffic (lower --bandwidth or the load on the machine)"
+            if err < 0
+            else "faster: the qdisc is not shaping the link"
+        )
+        msg = (
+            f"the link measured {best * 8 / 1e9:.3f} Gbit/s, {err:+.1%} off the expected "
+            f"{expected * 8 / 1e9:.3f} Gbit/s (more than {BANDWIDTH_TOLERANCE:.0%}), {why}"
+        )
         if opts.check_bandwidth:
             raise ClusterError(msg + "; --no-bandwidth-check runs anyway")
         log("WARNING: " + msg)
@@ -197,8 +218,13 @@ def _start_ranks(net: Network, opts: Options) -> list[tuple[int, int, int, subpr
     for node in range(opts.nodes):
         for local in range(opts.procs_per_node):
             rank = node * opts.procs_per_node + local
-            p = subprocess.Popen(net.enter(node) + argv, env=rank_env(net, opts, node, local),
-                                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+            p = subprocess.Popen(
+                net.enter(node) + argv,
+                env=rank_env(net, opts, node, local),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
             procs.append((rank, node, local, p))
     return procs
 
@@ -264,9 +290,11 @@ def run(opts: Options, log: Callable[[str], None] | None = None) -> int:
     code = 1
     try:
         burst, limit = tbf_params(opts.rate_bits)
-        log(f"run {net.run_id}: {opts.nodes} node(s) x {opts.procs_per_node} rank(s) on 10.{net.subnet[0]}."
+        log(
+            f"run {net.run_id}: {opts.nodes} node(s) x {opts.procs_per_node} rank(s) on 10.{net.subnet[0]}."
             f"{net.subnet[1]}.0/24, egress tbf {opts.rate_bits / 1e9:g} Gbit/s burst {burst} B limit {limit} B"
-            + (f", netem delay {opts.latency_s * 1e6:g} us" if opts.latency_s > 0 else ""))
+            + (f", netem delay {opts.latency_s * 1e6:g} us" if opts.latency_s > 0 else "")
+        )
         net.build()
         if opts.nodes >= 2:
             _check_link(net, opts, log)

@@ -28,6 +28,7 @@ payload) at MTU 1500, so TCP moves ``rate x 1448 / 1514`` payload bytes.
 Assumes iproute2's ``ip`` and ``tc`` and util-linux's ``nsenter``/``unshare``
 on PATH, and root or CAP_NET_ADMIN + CAP_SYS_ADMIN.
 """
+
 from __future__ import annotations
 
 import os
@@ -122,41 +123,60 @@ def privilege_problem() -> str | None:
     """
     missing = [tool for tool in ("ip", "tc", "nsenter", "unshare") if shutil.which(tool) is None]
     if missing:
-        return (f"the emulated cluster needs iproute2's ip and tc and util-linux's nsenter and unshare; "
-                f"not found: {missing}")
+        return (
+            f"the emulated cluster needs iproute2's ip and tc and util-linux's nsenter and unshare; "
+            f"not found: {missing}"
+        )
     cap_net_admin, cap_sys_admin = 1 << 12, 1 << 21
     caps = _caps()
     if os.geteuid() != 0 and (caps & cap_net_admin == 0 or caps & cap_sys_admin == 0):
-        return (f"the emulated cluster needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) to create network "
-                f"namespaces, veth links and tc qdiscs; this process runs as uid {os.geteuid()} without them "
-                f"(run it as root, e.g. with sudo)")
+        return (
+            f"the emulated cluster needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) to create network "
+            f"namespaces, veth links and tc qdiscs; this process runs as uid {os.geteuid()} without them "
+            f"(run it as root, e.g. with sudo)"
+        )
     if caps & cap_net_admin == 0:
         return "the emulated cluster needs CAP_NET_ADMIN to create veth links and tc qdiscs; this process lacks it"
-    script = ("ip link add ldc-a type veth peer name ldc-b && ip link set ldc-a up && "
-              "tc qdisc add dev ldc-a root tbf rate 1mbit burst 32kb limit 64kb")
+    script = (
+        "ip link add ldc-a type veth peer name ldc-b && ip link set ldc-a up && "
+        "tc qdisc add dev ldc-a root tbf rate 1mbit burst 32kb limit 64kb"
+    )
     try:
-        proc = subprocess.run(["unshare", "--net", "sh", "-c", script], stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["unshare", "--net", "sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except FileNotFoundError as exc:
         return f"the emulated cluster needs util-linux's unshare/nsenter and iproute2's ip/tc on PATH ({exc})"
     except subprocess.TimeoutExpired:
         return "creating a scratch network namespace did not finish within 30 s"
     if proc.returncode != 0:
-        return (f"network namespaces with veth links and tbf are not permitted here (a scratch namespace "
-                f"said: {(proc.stderr or proc.stdout).strip()}); run as root with CAP_NET_ADMIN and CAP_SYS_ADMIN")
+        return (
+            f"network namespaces with veth links and tbf are not permitted here (a scratch namespace "
+            f"said: {(proc.stderr or proc.stdout).strip()}); run as root with CAP_NET_ADMIN and CAP_SYS_ADMIN"
+        )
     return None
 
 
 def netem_problem() -> str | None:
     """Why a delay cannot be shaped here (None if the netem qdisc works): tried on ``lo`` of a scratch namespace."""
-    proc = subprocess.run(["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode == 0:
         return None
     said = (proc.stderr or proc.stdout).strip().splitlines()
-    return (f"a link latency needs the netem qdisc, and this kernel does not provide it (tc said: "
-            f"{said[0] if said else 'exit code %d' % proc.returncode}; the kernel lacks sch_netem). "
-            f"Run without --latency (links then add only the kernel's own microseconds), or on a kernel with netem")
+    return (
+        f"a link latency needs the netem qdisc, and this kernel does not provide it (tc said: "
+        f"{said[0] if said else 'exit code %d' % proc.returncode}; the kernel lacks sch_netem). "
+        f"Run without --latency (links then add only the kernel's own microseconds), or on a kernel with netem"
+    )
 
 
 @dataclass
@@ -204,8 +224,28 @@ class Network:
             ns, dev, port = self.node_ns(i), self.ifname(i), f"port{i}"
             _run(["ip", "netns", "add", ns], f"creating node {i}'s namespace")
             _run(["ip", "-n", ns, "link", "set", "lo", "up"], f"bringing up lo of node {i}")
-            _run(["ip", "-n", br, "link", "add", port, "mtu", str(MTU), "type", "veth",
-                  "peer", "name", dev, "mtu", str(MTU), "netns", ns], f"creating node {i}'s veth pair")
+            _run(
+                [
+                    "ip",
+                    "-n",
+                    br,
+                    "link",
+                    "add",
+                    port,
+                    "mtu",
+                    str(MTU),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    dev,
+                    "mtu",
+                    str(MTU),
+                    "netns",
+                    ns,
+                ],
+                f"creating node {i}'s veth pair",
+            )
             _run(["ip", "-n", br, "link", "set", port, "master", "br0"], f"attaching node {i} to the bridge")
             _run(["ip", "-n", br, "link", "set", port, "up"], f"bringing up bridge port {i}")
             # no IPv6 link-local address: gloo must find exactly the IPv4 address on the interface
@@ -215,8 +255,27 @@ class Network:
             tbf = ["tbf", "rate", f"{int(self.rate_bits)}bit", "burst", str(burst), "limit", str(limit)]
             if self.latency_s > 0:  # tbf at the root, netem delaying what tbf lets through
                 _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", *tbf], f"shaping node {i}")
-                _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "netem",
-                      "delay", f"{self.latency_s * 1e6:.0f}us", "limit", "100000"], f"delaying node {i}")
+                _run(
+                    [
+                        "tc",
+                        "-n",
+                        ns,
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "parent",
+                        "1:1",
+                        "handle",
+                        "10:",
+                        "netem",
+                        "delay",
+                        f"{self.latency_s * 1e6:.0f}us",
+                        "limit",
+                        "100000",
+                    ],
+                    f"delaying node {i}",
+                )
             else:
                 _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *tbf], f"shaping node {i}")
 

@@ -10,6 +10,7 @@ The receiver's clock starts at the first byte and stops at the last; the
 bytes of the first read are not counted (they arrived before the clock
 started), so the result is the steady payload rate of one TCP stream.
 """
+
 from __future__ import annotations
 
 import json

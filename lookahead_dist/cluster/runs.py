@@ -14,6 +14,7 @@ start a run can tell a live run (lock held) from a dead one (lock free):
 A new lock file is written and locked under a temporary name and only then
 renamed into place, so no other run can ever take it for a dead run's.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -95,7 +96,7 @@ def clean_leftovers(lock_dir: str = LOCK_DIR, log=None) -> list[str]:
     locked = set(_live_runs(lock_dir))
     orphans: dict[str, list[str]] = {}
     for ns in names:
-        run_id = ns[len(PREFIX):].rsplit("-", 1)[0]
+        run_id = ns[len(PREFIX) :].rsplit("-", 1)[0]
         if run_id not in locked:
             orphans.setdefault(run_id, []).append(ns)
     for run_id, names in sorted(orphans.items()):

@@ -15,6 +15,22 @@ from lookahead_dist.experiments.fig1 import Fig1Config, fig1_run, run_fig1, two_
 from lookahead_dist.experiments.slowmo import SlowMoConfig, run_slowmo
 from lookahead_dist.experiments.theorem2 import Theorem2Config, alpha_grid, run_theorem2
 
-__all__ = ["EXPERIMENTS", "PROG", "ExperimentError", "Fig1Config", "Progress", "SlowMoConfig", "Theorem2Config",
-           "alpha_grid", "build_parser", "command", "config_from_args", "fig1_run", "main", "run_fig1", "run_slowmo",
-           "run_theorem2", "two_agent_topology"]
+__all__ = [
+    "EXPERIMENTS",
+    "PROG",
+    "ExperimentError",
+    "Fig1Config",
+    "Progress",
+    "SlowMoConfig",
+    "Theorem2Config",
+    "alpha_grid",
+    "build_parser",
+    "command",
+    "config_from_args",
+    "fig1_run",
+    "main",
+    "run_fig1",
+    "run_slowmo",
+    "run_theorem2",
+    "two_agent_topology",
+]

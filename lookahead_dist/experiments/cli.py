@@ -36,6 +36,7 @@ through exactly the code of the full one.
   (push-sum on the one-peer exponential graph), beta on a grid, each worker on
   its own shard; one spawned gloo group runs every configuration in turn.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,10 @@ EXPERIMENTS = {"fig1": Fig1Config, "theorem2": Theorem2Config, "slowmo": SlowMoC
 
 def _tuple_of(kind):
     """An argparse type: "0.2,0.5" -> (0.2, 0.5)."""
+
     def conv(text: str) -> tuple:
         return tuple(kind(v) for v in text.split(",") if v.strip())
+
     return conv
 
 
@@ -67,8 +70,9 @@ def _add_options(parser: argparse.ArgumentParser, cls) -> None:
             shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
         else:
             conv, shown = type(default), default
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, default=default,
-                            help=f"(default {shown})")
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, default=default, help=f"(default {shown})"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default="results", help="output directory (default results)")
         _add_options(p, cls)
     for name in ("report", "all"):
-        p = sub.add_parser(name, help="write DOCS/RESULTS.md from the outputs" if name == "report"
-                           else "run fig1, theorem2 and slowmo with their defaults, then report")
+        p = sub.add_parser(
+            name,
+            help="write DOCS/RESULTS.md from the outputs"
+            if name == "report"
+            else "run fig1, theorem2 and slowmo with their defaults, then report",
+        )
         p.add_argument("--out", default="results", help="directory of the experiment outputs (default results)")
         p.add_argument("--docs", default="docs", help="where RESULTS.md and img/ go (default docs)")
     return parser

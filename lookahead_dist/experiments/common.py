@@ -5,6 +5,7 @@ The data, the batch stream, the learning-rate schedule and the training step
 are the trainer's (:mod:`lookahead_dist.train`); the functions here only fix
 the experiments' choices (a fixed split, milestones as fractions of a run).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,24 @@ from lookahead_dist.train.data import load_digits_split, shard_batches, shard_in
 from lookahead_dist.train.models import DigitsCNN
 from lookahead_dist.train.schedules import step_decay
 
-__all__ = ["PROG", "ExperimentError", "Progress", "SpawnJob", "accuracy", "batch_stream", "command", "digits",
-           "finish", "loss", "machine", "make_model", "scheduled_lr", "torch_dtype", "train_step", "write_progress"]
+__all__ = [
+    "PROG",
+    "ExperimentError",
+    "Progress",
+    "SpawnJob",
+    "accuracy",
+    "batch_stream",
+    "command",
+    "digits",
+    "finish",
+    "loss",
+    "machine",
+    "make_model",
+    "scheduled_lr",
+    "torch_dtype",
+    "train_step",
+    "write_progress",
+]
 
 #: The digits train/test split is fixed (seed 0) for every run; a run's seed fixes its model and batches.
 SPLIT_SEED, TEST_FRACTION = 0, 0.2
@@ -157,9 +174,14 @@ def accuracy(model, x, y) -> float:
 def machine() -> dict:
     """Where a result was produced."""
     load = os.getloadavg()[1] if hasattr(os, "getloadavg") else None  # 5-minute load average at the end
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "load_avg_5min": load}
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "load_avg_5min": load,
+    }
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -174,8 +196,11 @@ def command(name: str, cfg, out: str) -> str:
     for f in dataclasses.fields(cfg):
         value, default = getattr(cfg, f.name), f.default
         if value != default:
-            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
-                if isinstance(value, tuple) else (f"{value:g}" if isinstance(value, float) else str(value))
+            text = (
+                ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+                if isinstance(value, tuple)
+                else (f"{value:g}" if isinstance(value, float) else str(value))
+            )
             parts += [f"--{f.name.replace('_', '-')}", text]
     return " ".join(parts)
 
@@ -184,9 +209,14 @@ def finish(name: str, cfg, out: str, record: dict, t0: float) -> dict:
     """Add the common fields, write NAME.json, NAME.png, NAME.csv and NAME.md; return the record."""
     from lookahead_dist.experiments import report as rep
 
-    record.update(experiment=name, config=dataclasses.asdict(cfg), command=command(name, cfg, out),
-                  wall_time_s=time.perf_counter() - t0, machine=machine(),
-                  finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    record.update(
+        experiment=name,
+        config=dataclasses.asdict(cfg),
+        command=command(name, cfg, out),
+        wall_time_s=time.perf_counter() - t0,
+        machine=machine(),
+        finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     (path / f"{name}.json").write_text(json.dumps(record, indent=1))

@@ -9,6 +9,7 @@ baseline) and as two processes with :class:`Decentralized` on the two-agent
 topology (rank 0 the fast agent, rank 1 the passive slow agent), and the two
 loss curves must agree to ``tol`` relative.
 """
+
 from __future__ import annotations
 
 import time
@@ -52,7 +53,6 @@ class Fig1Config:
     decay: float = 0.1
     dtype: str = "float64"
     tol: float = 1e-6  # max relative deviation allowed between the serial and the two-process curves
-
 
 
 def _variants(cfg: Fig1Config) -> list[tuple[str, float]]:
@@ -113,8 +113,10 @@ def _check_fig1(cfg: Fig1Config) -> None:
     if cfg.steps < 1 or cfg.seeds < 1 or cfg.tau < 1:
         raise ConfigError(f"fig1: steps, seeds and tau must be >= 1, got {cfg.steps}, {cfg.seeds}, {cfg.tau}")
     if cfg.eval_every < 1 or cfg.eval_every % cfg.tau or cfg.steps % cfg.eval_every:
-        raise ConfigError(f"fig1: eval_every must be a multiple of tau={cfg.tau} that divides steps={cfg.steps} "
-                          f"(where fast and slow weights coincide), got {cfg.eval_every}")
+        raise ConfigError(
+            f"fig1: eval_every must be a multiple of tau={cfg.tau} that divides steps={cfg.steps} "
+            f"(where fast and slow weights coincide), got {cfg.eval_every}"
+        )
     if not all(0.0 < a < 1.0 for a in cfg.alphas):
         raise ConfigError(f"fig1: alphas must lie in (0, 1), got {cfg.alphas}")
 
@@ -134,8 +136,9 @@ def run_fig1(cfg: Fig1Config, out: str = "results") -> dict:
         t_serial = time.perf_counter()
         for label, alpha in variants:
             for seed in range(cfg.seeds):
-                serial.setdefault(label, []).append(fig1_run(
-                    cfg, alpha, seed, data, on_eval=lambda k, d=done: bar.set(d + k + job.done())))
+                serial.setdefault(label, []).append(
+                    fig1_run(cfg, alpha, seed, data, on_eval=lambda k, d=done: bar.set(d + k + job.done()))
+                )
                 done += cfg.steps
         t_serial = time.perf_counter() - t_serial
         dist = job.wait(lambda d: bar.set(done + d))[0]
@@ -148,16 +151,30 @@ def run_fig1(cfg: Fig1Config, out: str = "results") -> dict:
         d = np.array([r["curve"] for r in dist[label]])
         dev = float(np.max(np.abs(d - s) / np.abs(s)))
         worst = max(worst, dev)
-        rows.append({"label": label, "alpha": alpha, "serial_curves": s.tolist(), "two_process_curves": d.tolist(),
-                     "serial_test_accuracy": [r["test_accuracy"] for r in serial[label]],
-                     "two_process_test_accuracy": [r["test_accuracy"] for r in dist[label]],
-                     "max_rel_deviation": dev})
-    record = {"steps_axis": list(range(0, cfg.steps + 1, cfg.eval_every)),
-              "lr_milestones": [round(m * cfg.steps) for m in cfg.milestones], "variants": rows,
-              "max_rel_deviation": worst, "serial_wall_s": t_serial, "two_process_wall_s": job.wall_s,
-              "train_examples": len(data[0])}
+        rows.append(
+            {
+                "label": label,
+                "alpha": alpha,
+                "serial_curves": s.tolist(),
+                "two_process_curves": d.tolist(),
+                "serial_test_accuracy": [r["test_accuracy"] for r in serial[label]],
+                "two_process_test_accuracy": [r["test_accuracy"] for r in dist[label]],
+                "max_rel_deviation": dev,
+            }
+        )
+    record = {
+        "steps_axis": list(range(0, cfg.steps + 1, cfg.eval_every)),
+        "lr_milestones": [round(m * cfg.steps) for m in cfg.milestones],
+        "variants": rows,
+        "max_rel_deviation": worst,
+        "serial_wall_s": t_serial,
+        "two_process_wall_s": job.wall_s,
+        "train_examples": len(data[0]),
+    }
     record = finish("fig1", cfg, out, record, t0)
     if not worst <= cfg.tol:
-        raise ExperimentError(f"fig1: the serial and the two-process loss curves differ by {worst:.3g} relative "
-                              f"(allowed {cfg.tol:g}); outputs written to {out}")
+        raise ExperimentError(
+            f"fig1: the serial and the two-process loss curves differ by {worst:.3g} relative "
+            f"(allowed {cfg.tol:g}); outputs written to {out}"
+        )
     return record

@@ -6,6 +6,7 @@ numbers in the documentation are the numbers the runs produced:
 ``NAME.json``; :func:`write_results_md` copies the images to ``DOCS/img`` and
 writes ``DOCS/RESULTS.md`` from every record found.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,9 +18,11 @@ import numpy as np
 
 __all__ = ["findings", "setup_text", "tables", "write_outputs", "write_results_md"]
 
-TITLES = {"fig1": "Figure 1: Lookahead against SGD with momentum (digits CNN)",
-          "theorem2": "Theorem 2: bound (14) against the measured gradient norm",
-          "slowmo": "SlowMo: slow momentum beta over local SGD and SGP (4 workers)"}
+TITLES = {
+    "fig1": "Figure 1: Lookahead against SGD with momentum (digits CNN)",
+    "theorem2": "Theorem 2: bound (14) against the measured gradient norm",
+    "slowmo": "SlowMo: slow momentum beta over local SGD and SGP (4 workers)",
+}
 DPI = 100
 
 
@@ -63,8 +66,7 @@ def _fig1_points(rec: dict) -> dict:
 
 def _fig1_tables(rec: dict) -> tuple[list[str], list[list]]:
     pts, axis = _fig1_points(rec), rec["steps_axis"]
-    header = ["variant", "final training loss (mean ± std)", "min .. max",
-              f"loss at step {axis[pts['early']]}"]
+    header = ["variant", "final training loss (mean ± std)", "min .. max", f"loss at step {axis[pts['early']]}"]
     if "before_decay" in pts:
         header.append(f"loss at step {axis[pts['before_decay']]} (before the first decay)")
     header += ["test accuracy", "serial vs two-process (max rel. deviation)"]
@@ -87,36 +89,55 @@ def _fig1_findings(rec: dict) -> list[str]:
     sgd, las = final[1.0], sorted(a for a in curves if a != 1.0)
     n = len(sgd)
     lower = [a for a in las if final[a].mean() < sgd.mean()]
-    detail = "; ".join(f"alpha={a:g}: {final[a].mean():.3g} ({int((final[a] < sgd).sum())}/{n} seeds below SGD)"
-                       for a in las)
-    verdict = "holds" if len(lower) == len(las) else "holds only for alpha in {%s}" % ", ".join(
-        f"{a:g}" for a in lower) if lower else "does not hold"
-    out = [f"(a) Lookahead reaches a lower final training loss than SGD with momentum: **{verdict}** here. "
-           f"SGD with momentum ends at {sgd.mean():.3g} (mean of {n} seeds); Lookahead: {detail}."]
+    detail = "; ".join(
+        f"alpha={a:g}: {final[a].mean():.3g} ({int((final[a] < sgd).sum())}/{n} seeds below SGD)" for a in las
+    )
+    verdict = (
+        "holds"
+        if len(lower) == len(las)
+        else "holds only for alpha in {%s}" % ", ".join(f"{a:g}" for a in lower)
+        if lower
+        else "does not hold"
+    )
+    out = [
+        f"(a) Lookahead reaches a lower final training loss than SGD with momentum: **{verdict}** here. "
+        f"SGD with momentum ends at {sgd.mean():.3g} (mean of {n} seeds); Lookahead: {detail}."
+    ]
     small, others = las[0], las[1:]
     if others:
         helps = all(early[small].mean() < early[a].mean() for a in others)
         ends = all(final[small].mean() > final[a].mean() for a in others)
-        verdict = {(True, True): "holds", (False, False): "does not hold",
-                   (True, False): "only the first half holds", (False, True): "only the second half holds"}
+        verdict = {
+            (True, True): "holds",
+            (False, False): "does not hold",
+            (True, False): "only the first half holds",
+            (False, True): "only the second half holds",
+        }
         ear = ", ".join(f"alpha={a:g}: {early[a].mean():.3g}" for a in las)
         fin = ", ".join(f"alpha={a:g}: {final[a].mean():.3g}" for a in las)
         out.append(
             f"(b) A small alpha helps early but ends higher: **{verdict[(helps, ends)]}** here. "
             f"Early (step {axis[pts['early']]}, mean loss): {ear}, SGD {early[1.0].mean():.3g}; "
             f"alpha={small:g} is {'the lowest' if helps else 'not the lowest'} of the Lookahead runs. "
-            f"Final: {fin}; alpha={small:g} ends {'the highest' if ends else 'not the highest'}.")
+            f"Final: {fin}; alpha={small:g} ends {'the highest' if ends else 'not the highest'}."
+        )
     acc = {v["alpha"]: np.asarray(v["serial_test_accuracy"]) for v in rec["variants"]}
     better = [a for a in las if acc[a].mean() - acc[1.0].mean() > max(_std(acc[a]), _std(acc[1.0]))]
     out.append(
         f"(c) Lookahead does not generalize markedly better than SGD (the paper's remark on test accuracy): "
         f"**{'holds' if not better else 'does not hold'}** here. Test accuracy: SGD {_pm(acc[1.0], '{:.4f}')}; "
         + "; ".join(f"alpha={a:g}: {_pm(acc[a], '{:.4f}')}" for a in las)
-        + (f". Better than SGD by more than one seed std: alpha in {{{', '.join(f'{a:g}' for a in better)}}}."
-           if better else "; no Lookahead variant is ahead of SGD by more than one seed std."))
-    out.append(f"Serial Lookahead and the two-process run (fast agent on rank 0, passive slow agent on rank 1) "
-               f"give the same curves: max relative deviation {rec['max_rel_deviation']:.1e} over every variant, "
-               f"seed and evaluation point (allowed {cfg['tol']:g}).")
+        + (
+            f". Better than SGD by more than one seed std: alpha in {{{', '.join(f'{a:g}' for a in better)}}}."
+            if better
+            else "; no Lookahead variant is ahead of SGD by more than one seed std."
+        )
+    )
+    out.append(
+        f"Serial Lookahead and the two-process run (fast agent on rank 0, passive slow agent on rank 1) "
+        f"give the same curves: max relative deviation {rec['max_rel_deviation']:.1e} over every variant, "
+        f"seed and evaluation point (allowed {cfg['tol']:g})."
+    )
     return out
 
 
@@ -138,8 +159,12 @@ def _fig1_plot(rec: dict, path: Path) -> None:
     for m in rec["lr_milestones"]:
         axes[0].axvline(m, color="gray", ls=":", lw=1)
     n = len(rec["variants"][0]["serial_curves"])
-    axes[0].set(yscale="log", xlabel="step", ylabel="full training loss",
-                title=f"mean and min-max over {n} seeds (lr x{rec['config']['decay']:g} at dotted lines)")
+    axes[0].set(
+        yscale="log",
+        xlabel="step",
+        ylabel="full training loss",
+        title=f"mean and min-max over {n} seeds (lr x{rec['config']['decay']:g} at dotted lines)",
+    )
     axes[1].set(yscale="log", xlabel="step", ylabel="full training loss", title="first 20% of the run")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -168,23 +193,59 @@ def _theorem2_tables(rec: dict):
                 row.append(f"{r['empirical']:.3f} / {r['bound14']:.3f}" + ("" if r["holds13"] else " †"))
             body.append(row)
         out.append((f"gamma = {gamma:g}", header, body))
-    header = ["tau", "gamma", "recommended alpha", "measured at it", "bound (14) at it", "best alpha (grid)",
-              "measured at best", "(13) at best", "best under (13)", "gap"]
+    header = [
+        "tau",
+        "gamma",
+        "recommended alpha",
+        "measured at it",
+        "bound (14) at it",
+        "best alpha (grid)",
+        "measured at best",
+        "(13) at best",
+        "best under (13)",
+        "gap",
+    ]
     body = []
     for r in rec["recommended"]:
         if r["recommended_alpha"] is None:
-            body.append([r["tau"], f"{r['gamma']:g}", "none: (13) fails for every alpha", "", "",
-                         f"{r['best_alpha']:g}", f"{r['empirical_at_best']:.4f}", "", "", ""])
+            body.append(
+                [
+                    r["tau"],
+                    f"{r['gamma']:g}",
+                    "none: (13) fails for every alpha",
+                    "",
+                    "",
+                    f"{r['best_alpha']:g}",
+                    f"{r['empirical_at_best']:.4f}",
+                    "",
+                    "",
+                    "",
+                ]
+            )
             continue
         gap = r["empirical_at_recommended"] / r["empirical_at_best"] - 1.0
-        body.append([r["tau"], f"{r['gamma']:g}", f"{r['recommended_alpha']:.3f}",
-                     f"{r['empirical_at_recommended']:.4f} ± {r['stderr_at_recommended']:.4f}",
-                     f"{r['bound_at_recommended']:.4f}", f"{r['best_alpha']:g}", f"{r['empirical_at_best']:.4f}",
-                     "holds" if r["best_alpha_holds13"] else "fails",
-                     f"{r['best_alpha_feasible']:g}" if r["best_alpha_feasible"] is not None else "none",
-                     f"{100 * gap:+.1f}%"])
-    out.append(("recommended alpha (theory.recommended_alpha at this K, under (13)) against the best alpha "
-                f"measured on the grid of step {cfg['alpha_step']:g}", header, body))
+        body.append(
+            [
+                r["tau"],
+                f"{r['gamma']:g}",
+                f"{r['recommended_alpha']:.3f}",
+                f"{r['empirical_at_recommended']:.4f} ± {r['stderr_at_recommended']:.4f}",
+                f"{r['bound_at_recommended']:.4f}",
+                f"{r['best_alpha']:g}",
+                f"{r['empirical_at_best']:.4f}",
+                "holds" if r["best_alpha_holds13"] else "fails",
+                f"{r['best_alpha_feasible']:g}" if r["best_alpha_feasible"] is not None else "none",
+                f"{100 * gap:+.1f}%",
+            ]
+        )
+    out.append(
+        (
+            "recommended alpha (theory.recommended_alpha at this K, under (13)) against the best alpha "
+            f"measured on the grid of step {cfg['alpha_step']:g}",
+            header,
+            body,
+        )
+    )
     return out
 
 
@@ -196,16 +257,20 @@ def _theorem2_findings(rec: dict) -> list[str]:
     if ok:
         worst = max(ok, key=lambda r: r["ratio"])
         holds = worst["ratio"] <= 1.0
-        out.append(f"Bound (14) {'**holds**' if holds else '**fails**'} in every cell where (13) holds "
-                   f"({len(ok)} cells): the largest measured / bound ratio is {worst['ratio']:.3f} "
-                   f"(alpha={worst['alpha']:g}, tau={worst['tau']}, gamma={worst['gamma']:g}); the smallest is "
-                   f"{min(r['ratio'] for r in ok):.3f}, so the bound is loose by a factor "
-                   f"{1 / worst['ratio']:.1f} or more.")
+        out.append(
+            f"Bound (14) {'**holds**' if holds else '**fails**'} in every cell where (13) holds "
+            f"({len(ok)} cells): the largest measured / bound ratio is {worst['ratio']:.3f} "
+            f"(alpha={worst['alpha']:g}, tau={worst['tau']}, gamma={worst['gamma']:g}); the smallest is "
+            f"{min(r['ratio'] for r in ok):.3f}, so the bound is loose by a factor "
+            f"{1 / worst['ratio']:.1f} or more."
+        )
     if bad:
         over = [r for r in bad if r["ratio"] > 1.0]
-        out.append(f"Where (13) fails ({len(bad)} cells, marked †; the theorem says nothing there) the expression "
-                   f"(14) is {'exceeded in ' + str(len(over)) + ' of them' if over else 'still not exceeded'} "
-                   f"(largest ratio {max(r['ratio'] for r in bad):.3f}).")
+        out.append(
+            f"Where (13) fails ({len(bad)} cells, marked †; the theorem says nothing there) the expression "
+            f"(14) is {'exceeded in ' + str(len(over)) + ' of them' if over else 'still not exceeded'} "
+            f"(largest ratio {max(r['ratio'] for r in bad):.3f})."
+        )
     recs = [r for r in rec["recommended"] if r["recommended_alpha"] is not None]
     if recs:
         gaps = [r["empirical_at_recommended"] / r["empirical_at_best"] - 1.0 for r in recs]
@@ -218,10 +283,14 @@ def _theorem2_findings(rec: dict) -> list[str]:
             f"{max(abs(d) for d in diffs):.2f}); the measured value at the recommended alpha is at most "
             f"{100 * max(gaps):.1f}% above the best on the grid (tau={worst['tau']}, gamma={worst['gamma']:g}), "
             f"median {100 * float(np.median(gaps)):.1f}%; by gamma: "
-            + ", ".join(f"gamma={g:g}: largest gap {100 * max(x for x, r in zip(gaps, recs) if r['gamma'] == g):.1f}%"
-                        for g in cfg["gammas"] if any(r["gamma"] == g for r in recs))
+            + ", ".join(
+                f"gamma={g:g}: largest gap {100 * max(x for x, r in zip(gaps, recs) if r['gamma'] == g):.1f}%"
+                for g in cfg["gammas"]
+                if any(r["gamma"] == g for r in recs)
+            )
             + f". The grid's best alpha satisfies (13) in {sum(r['best_alpha_holds13'] for r in recs)} of "
-            f"{len(recs)} cells.")
+            f"{len(recs)} cells."
+        )
     return out
 
 
@@ -240,14 +309,24 @@ def _theorem2_plot(rec: dict, path: Path) -> None:
             ax.plot(a, [r["bound14"] if not r["holds13"] else np.nan for r in cell], ":", color="gray", lw=1)
             r = next(r for r in rec["recommended"] if r["tau"] == tau and r["gamma"] == gamma)
             if r["recommended_alpha"] is not None:
-                ax.plot([r["recommended_alpha"]], [r["empirical_at_recommended"]], "*", color=color, ms=11,
-                        mec="black", mew=0.5)
+                ax.plot(
+                    [r["recommended_alpha"]],
+                    [r["empirical_at_recommended"]],
+                    "*",
+                    color=color,
+                    ms=11,
+                    mec="black",
+                    mew=0.5,
+                )
             ax.plot([r["best_alpha"]], [r["empirical_at_best"]], "v", color=color, ms=7, mec="black", mew=0.5)
         ax.set(yscale="log", xlabel="alpha", title=f"tau = {tau}")
     axes[0][0].set_ylabel("mean ||grad f(y_k)||^2 over K steps")
     axes[0][0].legend(fontsize=7, title="* recommended, v best measured", title_fontsize=7)
-    fig.suptitle(f"RippledQuadratic (L={rec['problem']['L']:g}), K={cfg['K']}, sigma^2={cfg['sigma2']:g}, "
-                 f"{cfg['seeds']} seeds; gray dotted: (14) where (13) fails", fontsize=9)
+    fig.suptitle(
+        f"RippledQuadratic (L={rec['problem']['L']:g}), K={cfg['K']}, sigma^2={cfg['sigma2']:g}, "
+        f"{cfg['seeds']} seeds; gray dotted: (14) where (13) fails",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -267,9 +346,16 @@ def _slowmo_cells(rec: dict):
 
 def _slowmo_tables(rec: dict):
     header = ["base", "beta", "final training loss (mean ± std)", "test accuracy (mean ± std)", "seeds"]
-    rows = [[base, f"{beta:g}", _pm([r["final_train_loss"] for r in runs]),
-             _pm([r["test_accuracy"] for r in runs], "{:.4f}"), len(runs)]
-            for (base, beta), runs in _slowmo_cells(rec).items()]
+    rows = [
+        [
+            base,
+            f"{beta:g}",
+            _pm([r["final_train_loss"] for r in runs]),
+            _pm([r["test_accuracy"] for r in runs], "{:.4f}"),
+            len(runs),
+        ]
+        for (base, beta), runs in _slowmo_cells(rec).items()
+    ]
     return header, rows
 
 
@@ -283,18 +369,30 @@ def _slowmo_findings(rec: dict) -> list[str]:
         b_loss, b_acc = min(loss, key=loss.get), max(acc, key=acc.get)
         mom = [b for b in betas if b > 0]
         better = [b for b in mom if loss[b] < loss[0.0]] if 0.0 in loss else []
-        text = (f"{base}: final training loss " + ", ".join(f"{loss[b]:.3g} (beta={b:g})" for b in betas)
-                + f"; lowest at beta={b_loss:g}. ")
+        text = (
+            f"{base}: final training loss "
+            + ", ".join(f"{loss[b]:.3g} (beta={b:g})" for b in betas)
+            + f"; lowest at beta={b_loss:g}. "
+        )
         if 0.0 in loss and mom:
-            which = ("every beta > 0" if len(better) == len(mom) else
-                     "beta in {" + ", ".join(f"{b:g}" for b in better) + "}" if better else "no beta > 0")
+            which = (
+                "every beta > 0"
+                if len(better) == len(mom)
+                else "beta in {" + ", ".join(f"{b:g}" for b in better) + "}"
+                if better
+                else "no beta > 0"
+            )
             text += f"Slow momentum lowers the final training loss against beta=0 for {which}. "
-        text += (f"Test accuracy is highest at beta={b_acc:g} ({acc[b_acc]:.4f}), lowest "
-                 f"{min(acc.values()):.4f}: a range over beta of {max(acc.values()) - min(acc.values()):.4f} "
-                 f"against a mean seed-to-seed std of {spread:.4f}, so "
-                 + ("beta makes no difference to test accuracy larger than the seed spread here."
-                    if max(acc.values()) - min(acc.values()) < spread else
-                    "the differences between betas exceed the seed spread."))
+        text += (
+            f"Test accuracy is highest at beta={b_acc:g} ({acc[b_acc]:.4f}), lowest "
+            f"{min(acc.values()):.4f}: a range over beta of {max(acc.values()) - min(acc.values()):.4f} "
+            f"against a mean seed-to-seed std of {spread:.4f}, so "
+            + (
+                "beta makes no difference to test accuracy larger than the seed spread here."
+                if max(acc.values()) - min(acc.values()) < spread
+                else "the differences between betas exceed the seed spread."
+            )
+        )
         out.append(text)
     if len(rec["bases"]) == 2:
         a, b = rec["bases"]
@@ -313,21 +411,35 @@ def _slowmo_plot(rec: dict, path: Path) -> None:
     for base in rec["bases"]:
         for ax, key in ((axes[0], "test_accuracy"), (axes[1], "final_train_loss")):
             vals = [[r[key] for r in cells[(base, b)]] for b in betas]
-            ax.errorbar(betas, [np.mean(v) for v in vals], yerr=[_std(v) for v in vals], fmt=styles[base],
-                        capsize=3, label=base)
+            ax.errorbar(
+                betas, [np.mean(v) for v in vals], yerr=[_std(v) for v in vals], fmt=styles[base], capsize=3, label=base
+            )
         for i, b in enumerate(betas):
             c = np.array([r["curve"] for r in cells[(base, b)]])
-            axes[2].plot(rec["steps_axis"], c.mean(0), styles[base][:-1] if len(styles[base]) > 2 else "-",
-                         color=cmap(i / max(1, len(betas) - 1)), label=f"{base}, beta={b:g}", lw=1.3)
+            axes[2].plot(
+                rec["steps_axis"],
+                c.mean(0),
+                styles[base][:-1] if len(styles[base]) > 2 else "-",
+                color=cmap(i / max(1, len(betas) - 1)),
+                label=f"{base}, beta={b:g}",
+                lw=1.3,
+            )
     cfg = rec["config"]
     axes[0].set(xlabel="beta", ylabel="test accuracy (consensus model)", title="final test accuracy")
     axes[1].set(xlabel="beta", ylabel="full training loss", yscale="log", title="final training loss")
-    axes[2].set(xlabel="step", ylabel="full training loss (consensus z)", yscale="log",
-                title=f"mean over {cfg['seeds']} seed(s), every {cfg['eval_every']} steps")
+    axes[2].set(
+        xlabel="step",
+        ylabel="full training loss (consensus z)",
+        yscale="log",
+        title=f"mean over {cfg['seeds']} seed(s), every {cfg['eval_every']} steps",
+    )
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"SlowMo, alpha={cfg['alpha']:g}, tau={cfg['tau']}, {cfg['workers']} workers, "
-                 f"{cfg['steps']} steps ({rec['slow_steps']} slow steps)", fontsize=9)
+    fig.suptitle(
+        f"SlowMo, alpha={cfg['alpha']:g}, tau={cfg['tau']}, {cfg['workers']} workers, "
+        f"{cfg['steps']} steps ({rec['slow_steps']} slow steps)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -354,33 +466,39 @@ def setup_text(name: str, rec: dict) -> str:
     c = rec["config"]
     if name == "fig1":
         m = ", ".join(str(s) for s in rec["lr_milestones"])
-        return (f"Digits CNN without BatchNorm in {c['dtype']} on the {rec.get('train_examples', '?')}-example "
-                f"training split; SGD lr {c['lr']:g}, momentum {c['momentum']:g}, batch {c['batch_size']}, "
-                f"{c['steps']} steps, lr x{c['decay']:g} at steps {m}; Lookahead tau {c['tau']} around the same "
-                f"SGD; {c['seeds']} seeds (seed s fixes the initial model and the minibatch stream, the same for "
-                f"every variant). The full training loss is measured every {c['eval_every']} steps, at sync points, "
-                f"where the fast weights equal the slow weights (x = z = y: the model Lookahead returns). "
-                f"Bands: min-max over seeds. The numbers below are the serial runs; the two-process runs give "
-                f"the same to the deviation shown.")
+        return (
+            f"Digits CNN without BatchNorm in {c['dtype']} on the {rec.get('train_examples', '?')}-example "
+            f"training split; SGD lr {c['lr']:g}, momentum {c['momentum']:g}, batch {c['batch_size']}, "
+            f"{c['steps']} steps, lr x{c['decay']:g} at steps {m}; Lookahead tau {c['tau']} around the same "
+            f"SGD; {c['seeds']} seeds (seed s fixes the initial model and the minibatch stream, the same for "
+            f"every variant). The full training loss is measured every {c['eval_every']} steps, at sync points, "
+            f"where the fast weights equal the slow weights (x = z = y: the model Lookahead returns). "
+            f"Bands: min-max over seeds. The numbers below are the serial runs; the two-process runs give "
+            f"the same to the deviation shown."
+        )
     if name == "theorem2":
         p = rec["problem"]
-        return (f"Serial Lookahead with SGD on f(x) = sum_i [{p['a']:g} x_i^2/2 - {p['b']:g} cos({p['w']:g} x_i)], "
-                f"d={p['d']}, L={p['L']:g} (non-convex: min curvature {p['min_curvature']:g}), f(y_0) - f_inf = "
-                f"{p['f_gap']:.2f}, Gaussian gradient noise of total variance sigma^2={c['sigma2']:g}; K={c['K']} "
-                f"steps, {c['seeds']} seeds (the same noise for every alpha of a cell); alpha on a grid of step "
-                f"{c['alpha_step']:g}, tau in {list(c['taus'])}, gamma in {list(c['gammas'])}. Measured: "
-                f"(1/K) sum_k ||grad f(y_k)||^2 averaged over seeds (y_k = alpha x_k + (1 - alpha) z_k, eq. 8).")
-    return (f"{c['workers']} spawned gloo ranks, each worker on its own shard of the "
-            f"{rec.get('train_examples', '?')}-example digits training split, digits CNN without BatchNorm in "
-            f"{c['dtype']}; base SGD lr {c['lr']:g}, momentum {c['momentum']:g}, batch {c['batch_size']} per worker, "
-            f"lr x{c['decay']:g} at {', '.join(f'{m:g}' for m in c['milestones'])} of the run; SlowMo alpha "
-            f"{c['alpha']:g}, tau {c['tau']} ({c['steps']} steps: {rec['slow_steps']} slow steps), beta in "
-            f"{[float(b) for b in c['betas']]}; bases: local SGD (no communication between slow steps) and SGP "
-            f"(push-sum on the one-peer exponential graph, one exchange per step); {c['seeds']} seed(s). "
-            f"With alpha = {c['alpha']:g} a slow momentum beta makes the slow step about alpha / (1 - beta) times "
-            f"the workers' average progress over a window (SlowMo paper), so beta also acts as a larger step. "
-            f"Measured after finalize(): test accuracy on the held-out split and full training loss, both of the "
-            f"consensus model.")
+        return (
+            f"Serial Lookahead with SGD on f(x) = sum_i [{p['a']:g} x_i^2/2 - {p['b']:g} cos({p['w']:g} x_i)], "
+            f"d={p['d']}, L={p['L']:g} (non-convex: min curvature {p['min_curvature']:g}), f(y_0) - f_inf = "
+            f"{p['f_gap']:.2f}, Gaussian gradient noise of total variance sigma^2={c['sigma2']:g}; K={c['K']} "
+            f"steps, {c['seeds']} seeds (the same noise for every alpha of a cell); alpha on a grid of step "
+            f"{c['alpha_step']:g}, tau in {list(c['taus'])}, gamma in {list(c['gammas'])}. Measured: "
+            f"(1/K) sum_k ||grad f(y_k)||^2 averaged over seeds (y_k = alpha x_k + (1 - alpha) z_k, eq. 8)."
+        )
+    return (
+        f"{c['workers']} spawned gloo ranks, each worker on its own shard of the "
+        f"{rec.get('train_examples', '?')}-example digits training split, digits CNN without BatchNorm in "
+        f"{c['dtype']}; base SGD lr {c['lr']:g}, momentum {c['momentum']:g}, batch {c['batch_size']} per worker, "
+        f"lr x{c['decay']:g} at {', '.join(f'{m:g}' for m in c['milestones'])} of the run; SlowMo alpha "
+        f"{c['alpha']:g}, tau {c['tau']} ({c['steps']} steps: {rec['slow_steps']} slow steps), beta in "
+        f"{[float(b) for b in c['betas']]}; bases: local SGD (no communication between slow steps) and SGP "
+        f"(push-sum on the one-peer exponential graph, one exchange per step); {c['seeds']} seed(s). "
+        f"With alpha = {c['alpha']:g} a slow momentum beta makes the slow step about alpha / (1 - beta) times "
+        f"the workers' average progress over a window (SlowMo paper), so beta also acts as a larger step. "
+        f"Measured after finalize(): test accuracy on the held-out split and full training loss, both of the "
+        f"consensus model."
+    )
 
 
 def write_outputs(name: str, rec: dict, out: Path) -> None:
@@ -394,8 +512,9 @@ def write_outputs(name: str, rec: dict, out: Path) -> None:
             w.writerows([[r[k] for k in keys] for r in rec["rows"]])
         elif name == "slowmo":
             w.writerow(["seed", "base", "beta", "final_train_loss", "test_accuracy"])
-            w.writerows([[r["seed"], r["base"], r["beta"], r["final_train_loss"], r["test_accuracy"]]
-                         for r in rec["runs"]])
+            w.writerows(
+                [[r["seed"], r["base"], r["beta"], r["final_train_loss"], r["test_accuracy"]] for r in rec["runs"]]
+            )
         else:
             w.writerow(["variant", "alpha", "seed", "final_train_loss", "test_accuracy", "max_rel_deviation"])
             for v in rec["variants"]:
@@ -405,22 +524,42 @@ def write_outputs(name: str, rec: dict, out: Path) -> None:
 
 
 def _section(name: str, rec: dict, image: str, level: int = 2) -> str:
-    parts = [f"{'#' * level} {TITLES[name]}", "", f"![{name}]({image})", "", setup_text(name, rec), "",
-             "Command (regenerates the image, the table and the JSON):", "", "```bash", rec["command"], "```", "",
-             f"Wall time on this machine: {rec['wall_time_s']:.0f} s ({rec['wall_time_s'] / 60:.1f} min), "
-             f"{rec['machine']['cpus']} CPU cores, torch {rec['machine']['torch']}"
-             + (f", 5-minute load average {rec['machine']['load_avg_5min']:.1f} at the end (other processes included)."
-                if rec["machine"].get("load_avg_5min") is not None else ".")]
+    parts = [
+        f"{'#' * level} {TITLES[name]}",
+        "",
+        f"![{name}]({image})",
+        "",
+        setup_text(name, rec),
+        "",
+        "Command (regenerates the image, the table and the JSON):",
+        "",
+        "```bash",
+        rec["command"],
+        "```",
+        "",
+        f"Wall time on this machine: {rec['wall_time_s']:.0f} s ({rec['wall_time_s'] / 60:.1f} min), "
+        f"{rec['machine']['cpus']} CPU cores, torch {rec['machine']['torch']}"
+        + (
+            f", 5-minute load average {rec['machine']['load_avg_5min']:.1f} at the end (other processes included)."
+            if rec["machine"].get("load_avg_5min") is not None
+            else "."
+        ),
+    ]
     if name == "fig1":
-        parts[-1] += (f" Serial runs {rec['serial_wall_s']:.0f} s and the two-process runs "
-                      f"{rec['two_process_wall_s']:.0f} s, side by side.")
+        parts[-1] += (
+            f" Serial runs {rec['serial_wall_s']:.0f} s and the two-process runs "
+            f"{rec['two_process_wall_s']:.0f} s, side by side."
+        )
     for caption, header, rows in tables(name, rec):
         parts += ["", caption] if caption else []
         parts += ["", _md_table(header, rows)]
     if name == "theorem2":
-        parts += ["", "† (13) fails at this (alpha, tau, gamma): Theorem 2 does not apply; the bound expression is "
-                  "shown without its premise. gap: measured at the recommended alpha over the best measured, "
-                  "minus 1."]
+        parts += [
+            "",
+            "† (13) fails at this (alpha, tau, gamma): Theorem 2 does not apply; the bound expression is "
+            "shown without its premise. gap: measured at the recommended alpha over the best measured, "
+            "minus 1.",
+        ]
     parts += ["", "Findings:", ""] + [f"- {s}" for s in findings(name, rec)]
     return "\n".join(parts) + "\n"
 
@@ -432,11 +571,18 @@ def write_results_md(out, docs) -> Path:
     """
     out, docs = Path(out), Path(docs)
     (docs / "img").mkdir(parents=True, exist_ok=True)
-    parts = ["# Results", "",
-             "Generated by `python -m lookahead_dist.experiments report` from the outputs of the commands below "
-             "(every number here is read from their JSON records; rerun a command, then `report`, to refresh). "
-             "Everything at once:", "", "```bash", "python -m lookahead_dist.experiments all --out results --docs docs",
-             "```", ""]
+    parts = [
+        "# Results",
+        "",
+        "Generated by `python -m lookahead_dist.experiments report` from the outputs of the commands below "
+        "(every number here is read from their JSON records; rerun a command, then `report`, to refresh). "
+        "Everything at once:",
+        "",
+        "```bash",
+        "python -m lookahead_dist.experiments all --out results --docs docs",
+        "```",
+        "",
+    ]
     for name in TITLES:
         path = out / f"{name}.json"
         if not path.exists():

@@ -3,6 +3,7 @@
 SGP is push-sum on the one-peer exponential graph; each worker trains on its
 own shard; one spawned gloo group runs every configuration in turn.
 """
+
 from __future__ import annotations
 
 import time
@@ -71,9 +72,17 @@ def _slowmo_ranks(rank: int, world: int, cfg: SlowMoConfig, progress_path: str):
                 done += cfg.steps
                 if rank == 0:
                     curve.append(loss(model, xtr, ytr))
-                    results.append({"seed": seed, "base": base_name, "beta": float(beta), "curve": curve,
-                                    "final_train_loss": curve[-1], "test_accuracy": accuracy(model, xte, yte),
-                                    "wall_s": time.perf_counter() - t0})
+                    results.append(
+                        {
+                            "seed": seed,
+                            "base": base_name,
+                            "beta": float(beta),
+                            "curve": curve,
+                            "final_train_loss": curve[-1],
+                            "test_accuracy": accuracy(model, xte, yte),
+                            "wall_s": time.perf_counter() - t0,
+                        }
+                    )
                     write_progress(progress_path, done)
     return results if rank == 0 else None
 
@@ -81,8 +90,10 @@ def _slowmo_ranks(rank: int, world: int, cfg: SlowMoConfig, progress_path: str):
 def run_slowmo(cfg: SlowMoConfig, out: str = "results") -> dict:
     """SlowMo against beta, over local SGD and SGP, on ``workers`` spawned gloo ranks."""
     if cfg.steps % cfg.tau or cfg.eval_every % cfg.tau or cfg.steps % cfg.eval_every:
-        raise ConfigError(f"slowmo: steps={cfg.steps} and eval_every={cfg.eval_every} must be multiples of "
-                          f"tau={cfg.tau}, and eval_every must divide steps")
+        raise ConfigError(
+            f"slowmo: steps={cfg.steps} and eval_every={cfg.eval_every} must be multiples of "
+            f"tau={cfg.tau}, and eval_every must divide steps"
+        )
     if cfg.workers < 2 or cfg.seeds < 1:
         raise ConfigError(f"slowmo: workers must be >= 2 and seeds >= 1, got {cfg.workers}, {cfg.seeds}")
     t0 = time.perf_counter()
@@ -93,6 +104,11 @@ def run_slowmo(cfg: SlowMoConfig, out: str = "results") -> dict:
         results = job.wait(bar.set)[0]
     finally:
         bar.close()
-    record = {"steps_axis": list(range(0, cfg.steps + 1, cfg.eval_every)), "bases": list(SLOWMO_BASES),
-              "slow_steps": cfg.steps // cfg.tau, "runs": results, "train_examples": len(digits(torch.float32)[0])}
+    record = {
+        "steps_axis": list(range(0, cfg.steps + 1, cfg.eval_every)),
+        "bases": list(SLOWMO_BASES),
+        "slow_steps": cfg.steps // cfg.tau,
+        "runs": results,
+        "train_examples": len(digits(torch.float32)[0]),
+    }
     return finish("slowmo", cfg, out, record, t0)

@@ -6,6 +6,7 @@ of alpha, tau and gamma, and :func:`~lookahead_dist.reference.theory.recommended
 against the alpha with the lowest measured value (the same noise for every
 alpha of a cell).
 """
+
 from __future__ import annotations
 
 import time
@@ -28,7 +29,6 @@ class Theorem2Config:
     alpha_step: float = 0.025  # the fine alpha grid: alpha_step, 2 alpha_step, ..., 1
     sigma2: float = 20.0
     table_alphas: tuple = (0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0)  # rows of the markdown table
-
 
 
 def alpha_grid(step: float) -> list[float]:
@@ -63,8 +63,19 @@ def run_theorem2(cfg: Theorem2Config, out: str = "results") -> dict:
             emp, se = measure(alpha, tau, gamma)
             cond = th.step_size_condition(alpha, gamma, L, tau)
             b = th.bound(alpha, gamma, L, cfg.sigma2, tau, cfg.K, f_gap, strict=False)
-            cell.append({"tau": tau, "gamma": gamma, "alpha": alpha, "cond13": cond, "holds13": cond <= 1.0,
-                         "empirical": emp, "stderr": se, "bound14": b, "ratio": emp / b})
+            cell.append(
+                {
+                    "tau": tau,
+                    "gamma": gamma,
+                    "alpha": alpha,
+                    "cond13": cond,
+                    "holds13": cond <= 1.0,
+                    "empirical": emp,
+                    "stderr": se,
+                    "bound14": b,
+                    "ratio": emp / b,
+                }
+            )
             bar.set(bar.done + 1)
         rows += cell
         best = min(cell, key=lambda r: r["empirical"])
@@ -75,16 +86,37 @@ def run_theorem2(cfg: Theorem2Config, out: str = "results") -> dict:
         emp_rec = measure(rec, tau, gamma) if rec is not None else (None, None)
         bar.set(bar.done + 1)
         feasible = [r for r in cell if r["holds13"]]
-        recs.append({"tau": tau, "gamma": gamma, "recommended_alpha": rec, "empirical_at_recommended": emp_rec[0],
-                     "stderr_at_recommended": emp_rec[1],
-                     "bound_at_recommended": th.bound(rec, gamma, L, cfg.sigma2, tau, cfg.K, f_gap)
-                     if rec is not None else None,
-                     "best_alpha": best["alpha"], "empirical_at_best": best["empirical"],
-                     "best_alpha_holds13": best["holds13"],
-                     "best_alpha_feasible": min(feasible, key=lambda r: r["empirical"])["alpha"] if feasible else None,
-                     "best_bound_alpha": min(feasible, key=lambda r: r["bound14"])["alpha"] if feasible else None})
+        recs.append(
+            {
+                "tau": tau,
+                "gamma": gamma,
+                "recommended_alpha": rec,
+                "empirical_at_recommended": emp_rec[0],
+                "stderr_at_recommended": emp_rec[1],
+                "bound_at_recommended": th.bound(rec, gamma, L, cfg.sigma2, tau, cfg.K, f_gap)
+                if rec is not None
+                else None,
+                "best_alpha": best["alpha"],
+                "empirical_at_best": best["empirical"],
+                "best_alpha_holds13": best["holds13"],
+                "best_alpha_feasible": min(feasible, key=lambda r: r["empirical"])["alpha"] if feasible else None,
+                "best_bound_alpha": min(feasible, key=lambda r: r["bound14"])["alpha"] if feasible else None,
+            }
+        )
     bar.close()
-    record = {"problem": {"name": "RippledQuadratic", "d": problem.d, "a": problem.a, "b": problem.b,
-                         "w": problem.w, "L": L, "min_curvature": problem.min_curvature, "f_gap": f_gap},
-              "alphas": grid, "rows": rows, "recommended": recs}
+    record = {
+        "problem": {
+            "name": "RippledQuadratic",
+            "d": problem.d,
+            "a": problem.a,
+            "b": problem.b,
+            "w": problem.w,
+            "L": L,
+            "min_curvature": problem.min_curvature,
+            "f_gap": f_gap,
+        },
+        "alphas": grid,
+        "rows": rows,
+        "recommended": recs,
+    }
     return finish("theorem2", cfg, out, record, t0)

@@ -19,6 +19,7 @@ computed before it, in any process: a distributed worker that holds agent i
 reproduces it with ``rng(seed, tag, i, k)`` (see each class for its tags),
 and moves the result to its device afterwards.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,8 +68,9 @@ def rng(seed: int, tag: str, *keys: int) -> torch.Generator:
 
 def generator(seed: int, tag: str, *keys: int) -> torch.Generator:
     """Deprecated name of :func:`rng` (a random-number generator, not a topology generator)."""
-    warnings.warn("lookahead_dist.reference.problems.generator is deprecated; call rng", DeprecationWarning,
-                  stacklevel=2)
+    warnings.warn(
+        "lookahead_dist.reference.problems.generator is deprecated; call rng", DeprecationWarning, stacklevel=2
+    )
     return rng(seed, tag, *keys)
 
 
@@ -163,7 +165,7 @@ def unflatten(x_flat: Tensor, module: nn.Module) -> dict:
     """
     out, offset = {}, 0
     for name, p in module.named_parameters():
-        out[name] = x_flat[offset: offset + p.numel()].view(p.shape)
+        out[name] = x_flat[offset : offset + p.numel()].view(p.shape)
         offset += p.numel()
     if offset != x_flat.numel():
         raise ConfigError(f"x_flat: has {x_flat.numel()} entries but the module has {offset} parameters")
@@ -238,10 +240,10 @@ def tiny_regression(
     with torch.no_grad():
         for p in module.parameters():
             fan_in = p.shape[-1] if p.dim() > 1 else hidden
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / fan_in ** 0.5)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / fan_in**0.5)
     gt = rng(seed, "teacher")
-    w1 = torch.randn(d_in, generator=gt, dtype=torch.float64) / d_in ** 0.5
-    w2 = torch.randn(d_in, generator=gt, dtype=torch.float64) / d_in ** 0.5
+    w1 = torch.randn(d_in, generator=gt, dtype=torch.float64) / d_in**0.5
+    w2 = torch.randn(d_in, generator=gt, dtype=torch.float64) / d_in**0.5
     shards: dict = {}
 
     def shard_of(agent: int) -> Tuple[Tensor, Tensor]:

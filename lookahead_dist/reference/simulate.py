@@ -52,6 +52,7 @@ Example (Lookahead with SGD on a quadratic)::
     >>> torch.equal(tr.X[10][0], tr.X[10][1])   # x = z every tau steps (eqs. 9-10)
     True
 """
+
 from __future__ import annotations
 
 import math
@@ -185,11 +186,17 @@ class Reference:
         buffers: Optional[str] = None,
     ):
         if buffers is not None:
-            warnings.warn("Reference(buffers=...) is deprecated: the base optimizer's state policy is now called "
-                          "optimizer_state=, as in SlowMo", DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                "Reference(buffers=...) is deprecated: the base optimizer's state policy is now called "
+                "optimizer_state=, as in SlowMo",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             if optimizer_state not in ("keep", buffers):
-                raise ConfigError(f"optimizer_state={optimizer_state!r} and its deprecated spelling "
-                                  f"buffers={buffers!r} disagree; pass optimizer_state only")
+                raise ConfigError(
+                    f"optimizer_state={optimizer_state!r} and its deprecated spelling "
+                    f"buffers={buffers!r} disagree; pass optimizer_state only"
+                )
             optimizer_state = buffers
         if not isinstance(schedule, Schedule):
             raise ConfigError(f"schedule: must be a lookahead_dist.mixing.Schedule, got {type(schedule).__name__}")
@@ -390,8 +397,9 @@ class Reference:
         if sm is not None and k % sm.tau == 0:
             self._gamma = self._lr()
             if not self._gamma > 0.0:
-                raise ConfigError(f"slow_momentum: needs a positive fast learning rate, got lr={self._gamma!r} "
-                                  f"at step {k}")
+                raise ConfigError(
+                    f"slow_momentum: needs a positive fast learning rate, got lr={self._gamma!r} at step {k}"
+                )
         with torch.no_grad():
             self._update.copy_(self._x)  # x before the base step; minus x after it below
             loss, grads = self._gradients(k, self._debiased())

@@ -22,6 +22,7 @@ Example::
     >>> round(theory.bound(0.5, 0.05, 5.0, 1.0, 5, 1000, f_gap=2.0), 6)
     0.3475
 """
+
 from __future__ import annotations
 
 import math
@@ -35,10 +36,19 @@ from lookahead_dist.errors import ConfigError
 from lookahead_dist.validation import check_int, check_lookahead_alpha, check_real, check_tau
 
 __all__ = [
-    "step_size_condition", "satisfies_step_size_condition", "max_gamma",
-    "feasible_alpha_interval", "bound", "bound_sqrt_k", "floor", "sgd_floor",
-    "beats_sgd_floor", "recommended_alpha", "RippledQuadratic",
-    "gradient_norm_trace", "empirical_gradient_norm",
+    "step_size_condition",
+    "satisfies_step_size_condition",
+    "max_gamma",
+    "feasible_alpha_interval",
+    "bound",
+    "bound_sqrt_k",
+    "floor",
+    "sgd_floor",
+    "beats_sgd_floor",
+    "recommended_alpha",
+    "RippledQuadratic",
+    "gradient_norm_trace",
+    "empirical_gradient_norm",
 ]
 
 
@@ -76,7 +86,8 @@ def _require_13(alpha: float, gamma: float, L: float, tau: int) -> None:
         raise ConfigError(
             f"step-size condition (13) fails: alpha*gamma*L + (1-alpha)^2*gamma^2*L^2*tau*(tau-1)"
             f" = {value!r} > 1 for alpha={alpha!r}, gamma={gamma!r}, L={L!r}, tau={tau!r};"
-            f" the bound does not hold (pass strict=False for the bare expression)")
+            f" the bound does not hold (pass strict=False for the bare expression)"
+        )
 
 
 # -------------------------------------------------------- step-size condition
@@ -87,7 +98,7 @@ def step_size_condition(alpha, gamma, L, tau) -> float:
     alpha gamma L, the usual SGD condition on the effective rate alpha gamma.
     """
     alpha, gamma, L, tau = _alpha(alpha), _pos("gamma", gamma), _pos("L", L), _tau(tau)
-    return alpha * gamma * L + (1.0 - alpha) ** 2 * gamma ** 2 * L ** 2 * tau * (tau - 1)
+    return alpha * gamma * L + (1.0 - alpha) ** 2 * gamma**2 * L**2 * tau * (tau - 1)
 
 
 def satisfies_step_size_condition(alpha, gamma, L, tau) -> bool:
@@ -108,7 +119,7 @@ def max_gamma(alpha, L, tau) -> float:
     up to rounding.
     """
     alpha, L, tau = _alpha(alpha), _pos("L", L), _tau(tau)
-    E = (1.0 - alpha) ** 2 * L ** 2 * tau * (tau - 1)
+    E = (1.0 - alpha) ** 2 * L**2 * tau * (tau - 1)
     b = alpha * L
     gamma = 2.0 / (b + math.sqrt(b * b + 4.0 * E))
     while not satisfies_step_size_condition(alpha, gamma, L, tau):
@@ -142,7 +153,8 @@ def feasible_alpha_interval(gamma, L, tau) -> Tuple[float, float]:
     if hi <= 0.0 or lo > hi:
         raise ConfigError(
             f"no alpha in (0, 1] satisfies step-size condition (13) for gamma={gamma!r},"
-            f" L={L!r}, tau={tau!r}; use gamma <= max_gamma(alpha, L, tau)")
+            f" L={L!r}, tau={tau!r}; use gamma <= max_gamma(alpha, L, tau)"
+        )
     while hi > lo and not satisfies_step_size_condition(hi, gamma, L, tau):
         hi = math.nextafter(hi, 0.0)
     while lo > 0.0 and lo < hi and not satisfies_step_size_condition(lo, gamma, L, tau):
@@ -150,7 +162,8 @@ def feasible_alpha_interval(gamma, L, tau) -> Tuple[float, float]:
     if not satisfies_step_size_condition(hi, gamma, L, tau):
         raise ConfigError(
             f"no alpha in (0, 1] satisfies step-size condition (13) for gamma={gamma!r},"
-            f" L={L!r}, tau={tau!r}; use gamma <= max_gamma(alpha, L, tau)")
+            f" L={L!r}, tau={tau!r}; use gamma <= max_gamma(alpha, L, tau)"
+        )
     return lo, hi
 
 
@@ -184,8 +197,9 @@ def bound_sqrt_k(alpha, L, sigma2, tau, K, f_gap, *, strict: bool = True) -> flo
     sigma2, f_gap, K = _nonneg("sigma2", sigma2), _nonneg("f_gap", f_gap), _steps(K, tau)
     if strict:
         _require_13(alpha, 1.0 / math.sqrt(K), L, tau)
-    return ((2.0 * f_gap + alpha ** 2 * L * sigma2) / (alpha * math.sqrt(K))
-            + (1.0 - alpha) ** 2 * L ** 2 * sigma2 * (tau - 1) / K)
+    return (2.0 * f_gap + alpha**2 * L * sigma2) / (alpha * math.sqrt(K)) + (1.0 - alpha) ** 2 * L**2 * sigma2 * (
+        tau - 1
+    ) / K
 
 
 def floor(alpha, gamma, L, sigma2, tau) -> float:
@@ -199,7 +213,7 @@ def floor(alpha, gamma, L, sigma2, tau) -> float:
     """
     alpha, gamma, L, tau = _alpha(alpha), _pos("gamma", gamma), _pos("L", L), _tau(tau)
     sigma2 = _nonneg("sigma2", sigma2)
-    return alpha * gamma * L * sigma2 + (1.0 - alpha) ** 2 * gamma ** 2 * L ** 2 * sigma2 * (tau - 1)
+    return alpha * gamma * L * sigma2 + (1.0 - alpha) ** 2 * gamma**2 * L**2 * sigma2 * (tau - 1)
 
 
 def sgd_floor(gamma, L, sigma2) -> float:
@@ -241,7 +255,7 @@ def recommended_alpha(gamma, L, sigma2, tau, K, f_gap) -> float:
     lo, hi = feasible_alpha_interval(gamma, L, tau)
     A = 2.0 * f_gap / (gamma * K)
     B = gamma * L * sigma2
-    C = gamma ** 2 * L ** 2 * sigma2 * (tau - 1)
+    C = gamma**2 * L**2 * sigma2 * (tau - 1)
 
     def dphi(a: float) -> float:
         return -A / (a * a) + B - 2.0 * C * (1.0 - a)
@@ -256,7 +270,8 @@ def recommended_alpha(gamma, L, sigma2, tau, K, f_gap) -> float:
         raise ConfigError(
             f"bound (14) has no minimizer in (0, 1] for f_gap={f_gap!r}, gamma={gamma!r},"
             f" L={L!r}, sigma2={sigma2!r}, tau={tau!r}: it decreases toward alpha -> 0;"
-            f" pass f_gap > 0")
+            f" pass f_gap > 0"
+        )
     # the unique positive root lies in (lo, hi): dphi(lo+) < 0 < dphi(hi)
     roots = np.roots([2.0 * C, B - 2.0 * C, 0.0, -A])
     real = [r.real for r in roots if abs(r.imag) <= 1e-9 * max(1.0, abs(r)) and lo < r.real < hi]
@@ -269,7 +284,7 @@ def recommended_alpha(gamma, L, sigma2, tau, K, f_gap) -> float:
         if d == 0.0 or a_hi - a_lo <= 4e-16 * a_hi:
             break
         a_lo, a_hi = (a, a_hi) if d < 0.0 else (a_lo, a)
-        a = a - d / (2.0 * A / a ** 3 + 2.0 * C)  # Newton step; phi'' > 0
+        a = a - d / (2.0 * A / a**3 + 2.0 * C)  # Newton step; phi'' > 0
     return float(a)
 
 
@@ -305,12 +320,12 @@ class RippledQuadratic:
     @property
     def L(self) -> float:
         """Lipschitz constant of the gradient: a + b w^2."""
-        return self.a + self.b * self.w ** 2
+        return self.a + self.b * self.w**2
 
     @property
     def min_curvature(self) -> float:
         """Smallest Hessian eigenvalue a - b w^2 (negative means non-convex)."""
-        return self.a - self.b * self.w ** 2
+        return self.a - self.b * self.w**2
 
     @property
     def f_inf(self) -> float:
@@ -333,16 +348,25 @@ class RippledQuadratic:
 
     def hessian_diag(self, x):
         lib, x = self._lib(x)
-        return self.a + self.b * self.w ** 2 * lib.cos(self.w * x)
+        return self.a + self.b * self.w**2 * lib.cos(self.w * x)
 
     def default_start(self) -> np.ndarray:
         """x_0 = (3, -3, 3, ...): away from 0, across several ripples."""
         return 3.0 * (-1.0) ** np.arange(self.d, dtype=np.float64)
 
 
-def gradient_norm_trace(alpha, tau, gamma, K, seeds: Sequence[int], *, sigma2,
-                        problem: RippledQuadratic | None = None, x0=None,
-                        chunk: int = 512) -> np.ndarray:
+def gradient_norm_trace(
+    alpha,
+    tau,
+    gamma,
+    K,
+    seeds: Sequence[int],
+    *,
+    sigma2,
+    problem: RippledQuadratic | None = None,
+    x0=None,
+    chunk: int = 512,
+) -> np.ndarray:
     """||grad f(y_k)||^2 for k = 0..K-1 of serial Lookahead with SGD, one column per seed.
 
     Every seed is an independent run, all run at once as a batch in float64:
@@ -385,11 +409,11 @@ def gradient_norm_trace(alpha, tau, gamma, K, seeds: Sequence[int], *, sigma2,
     return out
 
 
-def empirical_gradient_norm(alpha, tau, gamma, K, seeds: Sequence[int], *, sigma2,
-                            problem: RippledQuadratic | None = None, x0=None) -> np.ndarray:
+def empirical_gradient_norm(
+    alpha, tau, gamma, K, seeds: Sequence[int], *, sigma2, problem: RippledQuadratic | None = None, x0=None
+) -> np.ndarray:
     """(1/K) sum_{k<K} ||grad f(y_k)||^2 per seed: the left side of eq. (14) before the mean over seeds.
 
     Runs :func:`gradient_norm_trace` and averages over steps; returns shape (len(seeds),).
     """
-    return gradient_norm_trace(alpha, tau, gamma, K, seeds, sigma2=sigma2,
-                               problem=problem, x0=x0).mean(axis=0)
+    return gradient_norm_trace(alpha, tau, gamma, K, seeds, sigma2=sigma2, problem=problem, x0=x0).mean(axis=0)

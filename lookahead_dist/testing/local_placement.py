@@ -15,6 +15,7 @@ the push-sum weight is one trailing element of the agent's buffer, the model
 holds z = x / w between steps, the base update is subtracted from the
 numerator x = z w, then the numerators and weights are mixed.
 """
+
 from __future__ import annotations
 
 import copy

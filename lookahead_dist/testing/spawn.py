@@ -11,6 +11,7 @@ traceback text.
 >>> spawn(hello, 2)                                   # doctest: +SKIP
 [0, 1]
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,15 @@ def _entry(fn, rank, world_size, port, out_dir, timeout_s, args):
             pass
 
 
-_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "lookahead_dist.decentralized", "lookahead_dist.slowmo",
-            "lookahead_dist.reference.simulate", "lookahead_dist.topology"]
+_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch._dynamo",
+    "lookahead_dist.decentralized",
+    "lookahead_dist.slowmo",
+    "lookahead_dist.reference.simulate",
+    "lookahead_dist.topology",
+]
 
 
 def _context():

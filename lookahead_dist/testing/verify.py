@@ -12,6 +12,7 @@ measures the consensus rate and prints it beside the predicted one. The exit
 status is 0 when every deviation is within ``--tol`` and the measured rate is
 no worse than predicted, 1 otherwise, 2 for an invalid topology.
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,9 +64,9 @@ def train_rank(rank, topology, steps, lr=LR, comm=None, record=False, perturb=0.
     prob = make_problem(topo.n)
     model = copy.deepcopy(prob.module)
     if perturb:
-        torch.nn.utils.vector_to_parameters(perturbed_start(prob, topo.agents_on(rank)[0], perturb),
-                                            model.parameters())
+        torch.nn.utils.vector_to_parameters(perturbed_start(prob, topo.agents_on(rank)[0], perturb), model.parameters())
     opt = Decentralized(sgd(model.parameters(), lr), model, topo, comm=comm)
+
     def snapshot():  # each local agent's parameters (the first flat group), without the push-sum weight
         return {a: without_weight(bufs, topo.push_sum)[0].clone() for a, bufs in opt.engine.agents.items()}
 
@@ -84,10 +85,15 @@ def train_rank(rank, topology, steps, lr=LR, comm=None, record=False, perturb=0.
             if record:
                 hist.append(flat_model(model))
                 agent_hist.append(snapshot())
-    out = {"agent": agent, "final": flat_model(model), "hist": hist, "agent_hist": agent_hist,
-           "bytes": opt.bytes_sent,
-           "agents": {a: [b.clone() for b in bufs] for a, bufs in opt.engine.agents.items()},
-           "weight": opt.weight}
+    out = {
+        "agent": agent,
+        "final": flat_model(model),
+        "hist": hist,
+        "agent_hist": agent_hist,
+        "bytes": opt.bytes_sent,
+        "agents": {a: [b.clone() for b in bufs] for a, bufs in opt.engine.agents.items()},
+        "weight": opt.weight,
+    }
     opt.finalize()
     out["finalized"] = flat_model(model)
     return out
@@ -137,11 +143,17 @@ def consensus_distances(topo, per_rank, key="consensus"):
     (invariant at lr 0, paper eq. 8), the mean of the initial models for push-sum.
     """
     steps = len(per_rank[0][key]["agent_hist"])
-    Z = torch.stack([
-        torch.stack([next(res[key]["agent_hist"][k][a] for res in per_rank if a in res[key]["agent_hist"][k])
-                     for a in range(topo.n)])
-        for k in range(steps)
-    ])  # (steps+1, n, d)
+    Z = torch.stack(
+        [
+            torch.stack(
+                [
+                    next(res[key]["agent_hist"][k][a] for res in per_rank if a in res[key]["agent_hist"][k])
+                    for a in range(topo.n)
+                ]
+            )
+            for k in range(steps)
+        ]
+    )  # (steps+1, n, d)
     if topo.push_sum:
         limit = Z[0].mean(0).expand_as(Z[:, 0])
     else:
@@ -161,8 +173,9 @@ def measured_rate(dist, period: int) -> float:
     return (dist[k1] / dist[k0]) ** (1.0 / (k1 - k0))
 
 
-def verify(source, nproc: int, steps: int = 20, lr: float = LR, tol: float = 1e-10, perturb: float = 1.0,
-           out=None) -> bool:
+def verify(
+    source, nproc: int, steps: int = 20, lr: float = LR, tol: float = 1e-10, perturb: float = 1.0, out=None
+) -> bool:
     """Run the check and print the report (to ``out``, default stdout); True when it passes."""
     out = out if out is not None else sys.stdout
     from lookahead_dist.testing.spawn import spawn
@@ -171,9 +184,12 @@ def verify(source, nproc: int, steps: int = 20, lr: float = LR, tol: float = 1e-
     topo = load(source, world_size=nproc)
     sched = topo.schedule
     steps = max(steps, 3 * sched.period)
-    print(f"{topo.name} ({topo.source}): {topo.n} agents on {nproc} ranks, period {sched.period}, "
-          f"push-sum: {'yes' if topo.push_sum else 'no'}; {steps} steps of SGD (lr {lr}) on a "
-          f"{make_problem(topo.n).d}-parameter float64 model", file=out)
+    print(
+        f"{topo.name} ({topo.source}): {topo.n} agents on {nproc} ranks, period {sched.period}, "
+        f"push-sum: {'yes' if topo.push_sum else 'no'}; {steps} steps of SGD (lr {lr}) on a "
+        f"{make_problem(topo.n).d}-parameter float64 model",
+        file=out,
+    )
     per_rank = spawn(_verify_worker, nproc, source if isinstance(source, dict) else str(source), steps, lr, perturb)
     dev = deviations(topo, per_rank, reference_models(topo, steps, lr))
     print("step  largest deviation from the reference (relative)", file=out)
@@ -185,6 +201,9 @@ def verify(source, nproc: int, steps: int = 20, lr: float = LR, tol: float = 1e-
     predicted = sched.consensus_rate(per_step=True)
     seen = measured_rate(dist_, sched.period)
     rate_ok = seen <= predicted * 1.1 + 1e-9
-    print(f"consensus with lr 0: distance {dist_[0]:.3e} -> {dist_[-1]:.3e}; rate per step measured {seen:.4f}, "
-          f"predicted {predicted:.4f}: {'ok' if rate_ok else 'FAILED'}", file=out)
+    print(
+        f"consensus with lr 0: distance {dist_[0]:.3e} -> {dist_[-1]:.3e}; rate per step measured {seen:.4f}, "
+        f"predicted {predicted:.4f}: {'ok' if rate_ok else 'FAILED'}",
+        file=out,
+    )
     return ok and rate_ok

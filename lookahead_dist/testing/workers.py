@@ -1,4 +1,5 @@
 """Code that runs inside spawned ranks (imported by the children, so kept free of pytest)."""
+
 from __future__ import annotations
 
 import copy
@@ -112,8 +113,17 @@ def _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=None, state=None):
     else:
         net = model
     inner = sgd(model.parameters(), lr)
-    opt = SlowMo(inner, model, tau=cfg["tau"], alpha=cfg["alpha"], beta=cfg["beta"], base=base,
-                 optimizer_state=cfg.get("optimizer_state", "keep"), shard=cfg.get("shard", False), comm=comm)
+    opt = SlowMo(
+        inner,
+        model,
+        tau=cfg["tau"],
+        alpha=cfg["alpha"],
+        beta=cfg["beta"],
+        base=base,
+        optimizer_state=cfg.get("optimizer_state", "keep"),
+        shard=cfg.get("shard", False),
+        comm=comm,
+    )
     sched = None
     if cfg.get("lr_decay"):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: cfg["lr_decay"] ** k)
@@ -182,13 +192,17 @@ def batchnorm_buffers(rank, world):
         with torch.no_grad():
             model[1].running_mean.fill_(float(rank))
             model[1].running_var.fill_(1.0 + rank)
-        opt = Decentralized(torch.optim.SGD(model.parameters(), lr=0.0), model,
-                            os.path.join(TOPOLOGIES, "complete.yaml"), comm=comm, mix_buffers=mix)
+        opt = Decentralized(
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            model,
+            os.path.join(TOPOLOGIES, "complete.yaml"),
+            comm=comm,
+            mix_buffers=mix,
+        )
         model.eval()
         model(torch.ones(2, 3)).sum().backward()
         opt.step()
-        out[mix] = (model[1].running_mean.clone(), model[1].running_var.clone(),
-                    int(model[1].num_batches_tracked))
+        out[mix] = (model[1].running_mean.clone(), model[1].running_var.clone(), int(model[1].num_batches_tracked))
     comm.close()
     return out
 
@@ -217,5 +231,13 @@ def exact_averages(rank, world):
     f32 = [mine.float()]
     exact_average_(f32, weight, comm)
     comm.close()
-    return {"classic": classic, "slot": slot[:-1].clone(), "slot_weight": float(slot[-1]), "split": torch.cat(split),
-            "wsum": (wsum_slot, wsum_split, float(total[-1])), "f32": f32[0], "mine": mine, "weight": weight}
+    return {
+        "classic": classic,
+        "slot": slot[:-1].clone(),
+        "slot_weight": float(slot[-1]),
+        "split": torch.cat(split),
+        "wsum": (wsum_slot, wsum_split, float(total[-1])),
+        "f32": f32[0],
+        "mine": mine,
+        "weight": weight,
+    }

@@ -20,6 +20,7 @@ every rank. A file that is missing, truncated or corrupt, or that holds
 another step or rank, is named in a log line (or, when no checkpoint is
 complete, in the :class:`CheckpointError`).
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,15 @@ def save(run: Path, step: int, comm: Comm, model, opt, bytes_sent: int) -> None:
     ckdir = run / "checkpoints"
     folder = ckdir / _folder(step)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "rank": comm.rank, "world_size": comm.world_size, "model": model.state_dict(),
-             "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "bytes_sent": bytes_sent}
+    state = {
+        "step": step,
+        "rank": comm.rank,
+        "world_size": comm.world_size,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "bytes_sent": bytes_sent,
+    }
     atomic_write(folder / f"rank_{comm.rank}.pt", lambda p: torch.save(state, p))
     comm.barrier()  # every rank's file is in place before the manifest names them
     if comm.rank == 0:
@@ -88,8 +96,12 @@ def _read_manifest(ckdir: Path) -> tuple[Optional[dict], Optional[str]]:
         return None, f"no readable checkpoint manifest at {path} ({exc.strerror or exc})"
     except ValueError as exc:
         return None, f"the checkpoint manifest {path} is corrupt ({exc})"
-    ok = (isinstance(manifest, dict) and isinstance(manifest.get("step"), int)
-          and isinstance(manifest.get("world_size"), int) and isinstance(manifest.get("files"), list))
+    ok = (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("step"), int)
+        and isinstance(manifest.get("world_size"), int)
+        and isinstance(manifest.get("files"), list)
+    )
     if not ok:
         return None, f"the checkpoint manifest {path} is corrupt (expected step, world_size and files: {manifest!r})"
     return manifest, None
@@ -111,16 +123,21 @@ def read_rank_file(path: Path, step: int, rank: int, world_size: int) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise CheckpointError(
+            f"checkpoint file {path} is truncated or corrupt ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     if not isinstance(state, dict) or any(k not in state for k in _KEYS):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"checkpoint file {path} is not a checkpoint of this trainer (expected keys "
-                              f"{list(_KEYS)}, got {keys})")
+        raise CheckpointError(
+            f"checkpoint file {path} is not a checkpoint of this trainer (expected keys {list(_KEYS)}, got {keys})"
+        )
     got = (state["step"], state["rank"], state["world_size"])
     if got != (step, rank, world_size):
-        raise CheckpointError(f"checkpoint file {path} holds step {got[0]} of rank {got[1]} of {got[2]}, expected "
-                              f"step {step} of rank {rank} of {world_size}")
+        raise CheckpointError(
+            f"checkpoint file {path} holds step {got[0]} of rank {got[1]} of {got[2]}, expected "
+            f"step {step} of rank {rank} of {world_size}"
+        )
     return state
 
 
@@ -133,8 +150,10 @@ def resume(run: Path, comm: Comm, model, opt) -> tuple[int, int]:
     ckdir = run / "checkpoints"
     manifest, why = _read_manifest(ckdir)
     if manifest is not None and manifest["world_size"] != comm.world_size:
-        raise CheckpointError(f"resume: {ckdir / 'manifest.json'} was written by {manifest['world_size']} "
-                              f"rank(s), this run has {comm.world_size}")
+        raise CheckpointError(
+            f"resume: {ckdir / 'manifest.json'} was written by {manifest['world_size']} "
+            f"rank(s), this run has {comm.world_size}"
+        )
     mine = set(_steps_on_disk(ckdir))
     if manifest is not None:
         mine = {s for s in mine if s <= manifest["step"]} | {manifest["step"]}
@@ -166,6 +185,8 @@ def resume(run: Path, comm: Comm, model, opt) -> tuple[int, int]:
     except LookaheadDistError:
         raise
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"resume: checkpoint file {ckdir / rel} does not fit this run's model or "
-                              f"optimizer ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"resume: checkpoint file {ckdir / rel} does not fit this run's model or "
+            f"optimizer ({type(exc).__name__}: {exc})"
+        ) from None
     return int(state["step"]), int(state.get("bytes_sent", 0))

@@ -41,6 +41,7 @@ The checks of tau, alpha, beta, integers and the optimizer-state policy are
 those of :mod:`lookahead_dist.validation`; only the message is this module's
 (the file and the key path).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -230,8 +231,9 @@ def _deprecated(notes: Optional[list], where: str, old: str, new: str) -> None:
 
 def _fill(obj, mapping, where: str, prefix: str, notes: Optional[list] = None) -> None:
     if not isinstance(mapping, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the top level'}: expected a mapping of keys, "
-                          f"got {short_repr(mapping)}")
+        raise ConfigError(
+            f"{where}: {prefix.rstrip('.') or 'the top level'}: expected a mapping of keys, got {short_repr(mapping)}"
+        )
     known = _fields(type(obj))
     for key, value in mapping.items():
         path = f"{prefix}{key}"
@@ -345,34 +347,61 @@ def validate(cfg: Config) -> Config:
     _require(0.0 < d.test_fraction < 1.0, w, "data.test_fraction", "must lie in (0, 1)", d.test_fraction)
     _check(w, check.check_int, d.num_workers, "data.num_workers", low=0)
     _require(d.name == "digits" or bool(d.path), w, "data.path", f"is required for {d.name}", d.path)
-    _require((cfg.model.name == "digits_cnn") == (d.name == "digits"), w, "model.name",
-             f"digits_cnn goes with data.name digits (data.name is {d.name!r})", cfg.model.name)
+    _require(
+        (cfg.model.name == "digits_cnn") == (d.name == "digits"),
+        w,
+        "model.name",
+        f"digits_cnn goes with data.name digits (data.name is {d.name!r})",
+        cfg.model.name,
+    )
     o = cfg.optim
     _check(w, check.check_choice, o.name, "optim.name", choices=OPTIMIZERS)
     _require(math.isfinite(o.lr) and o.lr > 0, w, "optim.lr", "must be > 0", o.lr)
     _require(0.0 <= o.momentum < 1.0, w, "optim.momentum", "must lie in [0, 1)", o.momentum)
-    _require(not o.nesterov or (o.name == "sgd" and o.momentum > 0), w, "optim.nesterov",
-             "needs optim.name sgd and momentum > 0", o.nesterov)
+    _require(
+        not o.nesterov or (o.name == "sgd" and o.momentum > 0),
+        w,
+        "optim.nesterov",
+        "needs optim.name sgd and momentum > 0",
+        o.nesterov,
+    )
     _require(o.weight_decay >= 0.0, w, "optim.weight_decay", "must be >= 0", o.weight_decay)
     _check(w, check.check_choice, o.schedule, "optim.schedule", choices=SCHEDULES)
-    _require(all(m >= 0 for m in o.milestones) and list(o.milestones) == sorted(o.milestones), w,
-             "optim.milestones", "must be non-negative and increasing", o.milestones)
-    _require(o.milestones_in in ("steps", "epochs"), w, "optim.milestones_in", "must be steps or epochs",
-             o.milestones_in)
+    _require(
+        all(m >= 0 for m in o.milestones) and list(o.milestones) == sorted(o.milestones),
+        w,
+        "optim.milestones",
+        "must be non-negative and increasing",
+        o.milestones,
+    )
+    _require(
+        o.milestones_in in ("steps", "epochs"), w, "optim.milestones_in", "must be steps or epochs", o.milestones_in
+    )
     _require(0.0 < o.decay <= 1.0, w, "optim.decay", "must lie in (0, 1]", o.decay)
     _check(w, check.check_int, o.warmup_steps, "optim.warmup_steps", low=0)
     a = cfg.algorithm
     _check(w, check.check_choice, a.name, "algorithm.name", choices=ALGORITHMS)
     _check(w, check.check_tau, a.tau, "algorithm.tau")
     # alpha is Lookahead's slow step size or SlowMo's slow learning rate; both (0, 1] here (no max_alpha key)
-    _check(w, check.check_lookahead_alpha if a.name == "lookahead" else check.check_slow_alpha, a.alpha,
-           "algorithm.alpha")
+    _check(
+        w, check.check_lookahead_alpha if a.name == "lookahead" else check.check_slow_alpha, a.alpha, "algorithm.alpha"
+    )
     _check(w, check.check_beta, a.beta, "algorithm.beta")
     _check(w, check.check_optimizer_state, a.optimizer_state, "algorithm.optimizer_state")
-    _require(a.name != "decentralized" or bool(a.topology), w, "algorithm.topology", "is required for decentralized",
-             a.topology)
-    _require((cfg.steps is None) != (cfg.epochs is None), w, "steps/epochs",
-             "exactly one must be set (set the other to null)", (cfg.steps, cfg.epochs))
+    _require(
+        a.name != "decentralized" or bool(a.topology),
+        w,
+        "algorithm.topology",
+        "is required for decentralized",
+        a.topology,
+    )
+    _require(
+        (cfg.steps is None) != (cfg.epochs is None),
+        w,
+        "steps/epochs",
+        "exactly one must be set (set the other to null)",
+        (cfg.steps, cfg.epochs),
+    )
     if cfg.steps is not None:
         _check(w, check.check_int, cfg.steps, "steps", low=1)
     _require(cfg.epochs is None or cfg.epochs > 0, w, "epochs", "must be > 0", cfg.epochs)
@@ -380,8 +409,9 @@ def validate(cfg: Config) -> Config:
     _check(w, check.check_int, cfg.log_every, "log_every", low=1)
     _check(w, check.check_int, cfg.eval_every, "eval_every", low=0, hint=" (0: only at the end)")
     _check(w, check.check_int, cfg.checkpoint_every, "checkpoint_every", low=0, hint=" (0: none)")
-    _require(not cfg.resume or bool(cfg.out_dir), w, "resume", "needs out_dir (the run directory to resume)",
-             cfg.resume)
+    _require(
+        not cfg.resume or bool(cfg.out_dir), w, "resume", "needs out_dir (the run directory to resume)", cfg.resume
+    )
     _require(cfg.backend in ("auto", "gloo", "nccl"), w, "backend", "must be auto, gloo or nccl", cfg.backend)
     _require(cfg.device in ("auto", "cpu", "cuda"), w, "device", "must be auto, cpu or cuda", cfg.device)
     _require(cfg.timeout_s > 0, w, "timeout_s", "must be > 0", cfg.timeout_s)
@@ -426,8 +456,9 @@ def to_dict(cfg) -> dict:
     out = {}
     for name in _fields(type(cfg)):
         value = getattr(cfg, name)
-        out[name] = to_dict(value) if dataclasses.is_dataclass(value) else (list(value) if isinstance(value, list)
-                                                                            else value)
+        out[name] = (
+            to_dict(value) if dataclasses.is_dataclass(value) else (list(value) if isinstance(value, list) else value)
+        )
     return out
 
 

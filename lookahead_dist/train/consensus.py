@@ -5,6 +5,7 @@ its weight, so that the average is sum of numerators / sum of weights; 0 on a
 rank with no fast agent; else 1). The average is all-reduced into a separate
 evaluation model, so that training is not disturbed.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,7 @@ class Consensus:
         self.comm.all_reduce_sum(dist2, self.ranks)
         offset = 0
         for t in state_tensors(self.eval_model):
-            t.copy_(avg[offset:offset + t.numel()].view_as(t))
+            t.copy_(avg[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
         for (_, dst), (_, src) in zip(self.eval_model.named_buffers(), self.model.named_buffers()):
             if not dst.is_floating_point():

@@ -11,6 +11,7 @@ Within its shard a worker reshuffles every epoch from (seed, rank, epoch), and
 the batch of global step k is a pure function of k (drop-last epochs of
 ``len(shard) // batch_size`` steps), so a resumed run sees the same batches.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,16 @@ import torch
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.train.models import import_torchvision
 
-__all__ = ["Data", "build_data", "check_data_path", "epoch_order", "load_digits_split", "shard_batches",
-           "shard_indices", "steps_per_epoch"]
+__all__ = [
+    "Data",
+    "build_data",
+    "check_data_path",
+    "epoch_order",
+    "load_digits_split",
+    "shard_batches",
+    "shard_indices",
+    "steps_per_epoch",
+]
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -47,8 +56,9 @@ def load_digits_split(test_fraction: float, seed: int):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as exc:
-        raise ConfigError(f"data.name digits needs scikit-learn, which is not installed ({exc}); "
-                          "pip install scikit-learn") from None
+        raise ConfigError(
+            f"data.name digits needs scikit-learn, which is not installed ({exc}); pip install scikit-learn"
+        ) from None
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
@@ -57,8 +67,9 @@ def load_digits_split(test_fraction: float, seed: int):
     return as_t(xtr), as_t(ytr.astype(np.int64)), as_t(xte), as_t(yte.astype(np.int64))
 
 
-def shard_batches(x: torch.Tensor, y: torch.Tensor, shard: np.ndarray, seed: int, rank: int, batch_size: int,
-                  start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def shard_batches(
+    x: torch.Tensor, y: torch.Tensor, shard: np.ndarray, seed: int, rank: int, batch_size: int, start: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The digits batch stream: (x[idx], y[idx]) of steps start, start + 1, ... of in-memory data.
 
     Drop-last epochs of ``shard`` (indices into x and y), each in the order
@@ -71,7 +82,7 @@ def shard_batches(x: torch.Tensor, y: torch.Tensor, shard: np.ndarray, seed: int
         epoch, pos = divmod(step, spe)
         order = torch.from_numpy(epoch_order(shard, seed, rank, epoch)).to(x.device)
         for i in range(pos, spe):
-            idx = order[i * batch_size:(i + 1) * batch_size]
+            idx = order[i * batch_size : (i + 1) * batch_size]
             yield x[idx], y[idx]
         step = (epoch + 1) * spe
 
@@ -115,7 +126,7 @@ def _digits(cfg, rank: int, world: int, device, part: tuple[int, int]) -> Data:
 
     def test():
         for i in range(0, len(xte), 1024):
-            yield xte[i:i + 1024], yte[i:i + 1024]
+            yield xte[i : i + 1024], yte[i : i + 1024]
 
     return Data(batches, test, len(shard), len(yte), spe)
 
@@ -141,8 +152,10 @@ def _torchvision_sets(cfg, path: Path):
         train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
         test_tf = T.Compose([T.ToTensor(), norm])
         if (path / "cifar-10-batches-py").is_dir():
-            return (tv.datasets.CIFAR10(str(path), train=True, transform=train_tf, download=False),
-                    tv.datasets.CIFAR10(str(path), train=False, transform=test_tf, download=False))
+            return (
+                tv.datasets.CIFAR10(str(path), train=True, transform=train_tf, download=False),
+                tv.datasets.CIFAR10(str(path), train=False, transform=test_tf, download=False),
+            )
     else:
         norm = T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
         train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
@@ -154,8 +167,10 @@ def _torchvision_sets(cfg, path: Path):
             f"data.path: {str(path)!r} holds neither {layout}an ImageFolder layout (train/ and val/ or test/, "
             "one sub-directory per class)"
         )
-    return (tv.datasets.ImageFolder(str(path / "train"), transform=train_tf),
-            tv.datasets.ImageFolder(str(test_dir), transform=test_tf))
+    return (
+        tv.datasets.ImageFolder(str(path / "train"), transform=train_tf),
+        tv.datasets.ImageFolder(str(test_dir), transform=test_tf),
+    )
 
 
 def _torchvision(cfg, rank: int, world: int, device, part: tuple[int, int]) -> Data:
@@ -167,14 +182,15 @@ def _torchvision(cfg, rank: int, world: int, device, part: tuple[int, int]) -> D
     pin = torch.device(device).type == "cuda"
 
     def loader(dataset, indices: Sequence[int], batch_size: int, drop_last: bool):
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=nw,
-                                           pin_memory=pin, drop_last=drop_last)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=list(indices), num_workers=nw, pin_memory=pin, drop_last=drop_last
+        )
 
     def batches(start: int):
         step = start
         while True:
             epoch, pos = divmod(step, spe)
-            order = epoch_order(shard, cfg.seed, rank, epoch)[pos * bs:spe * bs]
+            order = epoch_order(shard, cfg.seed, rank, epoch)[pos * bs : spe * bs]
             for x, y in loader(train_set, order.tolist(), bs, True):
                 yield x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
             step = (epoch + 1) * spe

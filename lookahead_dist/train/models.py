@@ -3,6 +3,7 @@
 torchvision is imported only when a ResNet is built, so the digits path (and
 the config and tests) never needs it.
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@
 Every file is written to a temporary name and moved into place. On several
 nodes the run directory must be on a file system that every node sees.
 """
+
 from __future__ import annotations
 
 import json
@@ -113,14 +114,21 @@ def write_final(run: Path, summary: dict, model, records: list[dict]) -> None:
     """Rank 0 at the end: summary.json, model.pt (the consensus model) and plot.png (best effort)."""
     write_text(run / "summary.json", json.dumps(summary, indent=1))
     atomic_write(run / "model.pt", lambda p: torch.save(model.state_dict(), p))
-    acc, tested, wall, sent = (summary[k] for k in ("final_test_accuracy", "test_examples", "wall_time_s",
-                                                    "bytes_sent_per_rank"))
-    print(f"[train] done: test accuracy {acc:.4f} of the consensus model on {tested} "
-          f"held-out examples | {summary['steps']} steps | {wall:.1f} s | bytes sent per rank {sent}", flush=True)
+    acc, tested, wall, sent = (
+        summary[k] for k in ("final_test_accuracy", "test_examples", "wall_time_s", "bytes_sent_per_rank")
+    )
+    print(
+        f"[train] done: test accuracy {acc:.4f} of the consensus model on {tested} "
+        f"held-out examples | {summary['steps']} steps | {wall:.1f} s | bytes sent per rank {sent}",
+        flush=True,
+    )
     try:
         plot(run, records)
     except ImportError:
-        print("[train] plot.png not written: matplotlib is not installed (pip install matplotlib)",
-              file=sys.stderr, flush=True)
+        print(
+            "[train] plot.png not written: matplotlib is not installed (pip install matplotlib)",
+            file=sys.stderr,
+            flush=True,
+        )
     except Exception as exc:  # the plot is a convenience; the run's results are already written
         print(f"[train] warning: plot.png not written: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 The trainer's run config picks one with :func:`lr_at`; the paper experiments
 call :func:`step_decay` with milestones given as fractions of their run.
 """
+
 from __future__ import annotations
 
 import math

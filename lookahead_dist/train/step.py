@@ -5,6 +5,7 @@ learning rate on the base optimizer, the gradient of the cross-entropy of one
 batch, an optional check between the backward pass and the update, and the
 wrapper's step (which mixes, syncs or averages as its algorithm says).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -21,8 +22,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, opt, batch, lr: float, *,
-               poison: bool = False, check: Optional[Callable[[float], None]] = None) -> float:
+def train_step(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    opt,
+    batch,
+    lr: float,
+    *,
+    poison: bool = False,
+    check: Optional[Callable[[float], None]] = None,
+) -> float:
     """One optimizer step; returns the batch's loss.
 
     ``optimizer``: the base optimizer (its learning rate is set to ``lr``, its

@@ -29,6 +29,7 @@ The parts: :mod:`~lookahead_dist.train.schedules` (the learning rate),
 checkpoints, the manifest, resume) and :mod:`~lookahead_dist.train.rundir` (the
 run directory: config.yaml, metrics.jsonl, summary.json, model.pt, plot.png).
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,7 @@ def init_distributed(cfg: Config) -> torch.device:
 def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
     return cls(params, lr=o.lr, weight_decay=o.weight_decay)
 
@@ -103,8 +103,9 @@ def _build_algorithm(cfg: Config, model, optimizer, comm: Comm, device):
 
     common = dict(optimizer_state=a.optimizer_state, shard=a.shard, comm=comm, mix_buffers=a.mix_buffers)
     if a.name == "slowmo":
-        return SlowMo(optimizer, model, tau=a.tau, alpha=a.alpha, beta=a.beta,
-                      base=topology() if a.topology else None, **common), model
+        return SlowMo(
+            optimizer, model, tau=a.tau, alpha=a.alpha, beta=a.beta, base=topology() if a.topology else None, **common
+        ), model
     if a.name == "decentralized":
         return Decentralized(optimizer, model, topology(), comm=comm, mix_buffers=a.mix_buffers), model
     if a.name == "local_sgd":
@@ -124,8 +125,10 @@ def _build_algorithm(cfg: Config, model, optimizer, comm: Comm, device):
 def _diverged(comm: Comm, step: int, loss: float, run) -> DivergenceError:
     losses = comm.all_gather_object(loss)
     bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
-    return DivergenceError(f"step {step}: the loss is not finite ({[losses[r] for r in bad]}) on rank(s) {bad}; "
-                           f"every rank stops ({checkpoint.last_checkpoint(run)})")
+    return DivergenceError(
+        f"step {step}: the loss is not finite ({[losses[r] for r in bad]}) on rank(s) {bad}; "
+        f"every rank stops ({checkpoint.last_checkpoint(run)})"
+    )
 
 
 def _announce(cfg: Config, comm: Comm) -> None:
@@ -136,10 +139,13 @@ def _announce(cfg: Config, comm: Comm) -> None:
         print(f"[train] deprecated: {note}", flush=True)
     a = cfg.algorithm
     if a.name == "lookahead" and comm.world_size > 1:
-        print(f"[train] algorithm lookahead on {comm.world_size} ranks runs as SlowMo with beta 0 over "
-              f"DistributedDataParallel: gradients all-reduced every step, and every tau={a.tau} steps the slow "
-              f"model z <- z + alpha (x_bar - z), alpha={a.alpha:g}, x_bar the workers' average (Lookahead over "
-              f"all-reduce SGD)", flush=True)
+        print(
+            f"[train] algorithm lookahead on {comm.world_size} ranks runs as SlowMo with beta 0 over "
+            f"DistributedDataParallel: gradients all-reduced every step, and every tau={a.tau} steps the slow "
+            f"model z <- z + alpha (x_bar - z), alpha={a.alpha:g}, x_bar the workers' average (Lookahead over "
+            f"all-reduce SGD)",
+            flush=True,
+        )
 
 
 def train(cfg: Config) -> dict:
@@ -165,8 +171,11 @@ def _train(cfg: Config, comm: Comm, device, t_start: float) -> dict:
     opt, net = _build_algorithm(cfg, model, optimizer, comm, device)
     active = push_sum_weight(opt) > 0
     # DistributedDataParallel's gradient all-reduce, counted like the library's all-reduces (a ring: 2 (W-1)/W)
-    ddp_bytes = (2 * (W - 1) * sum(p.numel() * p.element_size() for p in model.parameters()) // W
-                 if isinstance(net, torch.nn.parallel.DistributedDataParallel) else 0)
+    ddp_bytes = (
+        2 * (W - 1) * sum(p.numel() * p.element_size() for p in model.parameters()) // W
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel)
+        else 0
+    )
     workers = [r for r, a in enumerate(comm.all_gather_object(active)) if a]  # the ranks that take data
     data = build_data(cfg, rank, W, device, shard=(workers.index(rank), len(workers)) if active else (0, 1))
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * data.steps_per_epoch))
@@ -175,16 +184,20 @@ def _train(cfg: Config, comm: Comm, device, t_start: float) -> dict:
     restarted = restart_count() > 0 and (run / "checkpoints" / "manifest.json").exists()
     resume = cfg.resume or restarted
     if restarted and rank == 0:
-        print(f"[train] restart {restart_count()} of this torchrun group: resuming from {run / 'checkpoints'}",
-              flush=True)
+        print(
+            f"[train] restart {restart_count()} of this torchrun group: resuming from {run / 'checkpoints'}", flush=True
+        )
     start, sent_before = checkpoint.resume(run, comm, model, opt) if resume else (0, 0)
     if start >= total:
         raise ConfigError(f"resume: the checkpoint is at step {start}, the run has only {total} steps")
     log = MetricsLog(run, cfg, rank, start, resume)
     if rank == 0:
-        print(f"[train] {cfg.algorithm.name} on {W} rank(s), {device.type}, {cfg.data.name}/{cfg.model.name}: "
-              f"{total} steps of batch {cfg.batch_size} per worker ({data.steps_per_epoch} steps per epoch of a "
-              f"{data.shard_size}-example shard), from step {start}; run directory {run}", flush=True)
+        print(
+            f"[train] {cfg.algorithm.name} on {W} rank(s), {device.type}, {cfg.data.name}/{cfg.model.name}: "
+            f"{total} steps of batch {cfg.batch_size} per worker ({data.steps_per_epoch} steps per epoch of a "
+            f"{data.shard_size}-example shard), from step {start}; run directory {run}",
+            flush=True,
+        )
     ranks = list(range(W))
 
     def sent_bytes(done: int) -> int:
@@ -205,9 +218,15 @@ def _train(cfg: Config, comm: Comm, device, t_start: float) -> dict:
         if kill_here and k == cfg.debug.kill_step:
             os.kill(os.getpid(), signal.SIGKILL)  # testing aid: debug.kill_step / debug.kill_rank
         lr = lr_at(cfg, k, total, data.steps_per_epoch)
-        loss_val = train_step(net, optimizer, opt, next(batches) if active else None, lr,
-                              poison=nan_here and k == cfg.debug.nan_step,  # testing aid: debug.nan_step / nan_rank
-                              check=lambda loss, k=k: stop_if_diverged(k, loss))
+        loss_val = train_step(
+            net,
+            optimizer,
+            opt,
+            next(batches) if active else None,
+            lr,
+            poison=nan_here and k == cfg.debug.nan_step,  # testing aid: debug.nan_step / nan_rank
+            check=lambda loss, k=k: stop_if_diverged(k, loss),
+        )
         loss_sum, loss_n = loss_sum + loss_val, loss_n + (1 if active else 0)
         done = k + 1
         eval_now = done == total or (cfg.eval_every > 0 and done % cfg.eval_every == 0)
@@ -220,17 +239,24 @@ def _train(cfg: Config, comm: Comm, device, t_start: float) -> dict:
             window = torch.tensor([loss_sum, loss_n], dtype=torch.float64, device=comm.device_for_collectives())
             comm.all_reduce_sum(window, ranks)
             now = time.perf_counter()
-            rec = {"step": done, "loss": float(window[0] / max(float(window[1]), 1.0)), "lr": lr,
-                   "consensus_distance": cdist, "bytes_sent": sent_bytes(done),
-                   "samples_per_s": float(window[1]) * cfg.batch_size / max(now - t_win, 1e-9),
-                   "wall_time_s": now - t_start}
+            rec = {
+                "step": done,
+                "loss": float(window[0] / max(float(window[1]), 1.0)),
+                "lr": lr,
+                "consensus_distance": cdist,
+                "bytes_sent": sent_bytes(done),
+                "samples_per_s": float(window[1]) * cfg.batch_size / max(now - t_win, 1e-9),
+                "wall_time_s": now - t_start,
+            }
             if eval_now:
                 rec["test_accuracy"] = acc
             log.append(rec)
             if rank == 0:
-                print(f"[train] step {done:6d}  loss {rec['loss']:.4f}  lr {lr:.4g}  consensus {cdist:.3g}  "
-                      f"{rec['samples_per_s']:.0f} samples/s" + (f"  test acc {acc:.4f}" if eval_now else ""),
-                      flush=True)
+                print(
+                    f"[train] step {done:6d}  loss {rec['loss']:.4f}  lr {lr:.4g}  consensus {cdist:.3g}  "
+                    f"{rec['samples_per_s']:.0f} samples/s" + (f"  test acc {acc:.4f}" if eval_now else ""),
+                    flush=True,
+                )
             loss_sum, loss_n, t_win = 0.0, 0, time.perf_counter()
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             checkpoint.save(run, done, comm, model, opt, sent_bytes(done))
@@ -238,9 +264,17 @@ def _train(cfg: Config, comm: Comm, device, t_start: float) -> dict:
     sent = comm.all_gather_object(sent_bytes(total))
     tested = int(sum(comm.all_gather_object(data.test_size)))
     records = log.records
-    summary = {"final_test_accuracy": acc, "test_examples": tested, "steps": total, "world_size": W,
-               "algorithm": cfg.algorithm.name, "wall_time_s": wall, "bytes_sent_per_rank": sent,
-               "final_loss": records[-1]["loss"] if records else None, "run_dir": str(run)}
+    summary = {
+        "final_test_accuracy": acc,
+        "test_examples": tested,
+        "steps": total,
+        "world_size": W,
+        "algorithm": cfg.algorithm.name,
+        "wall_time_s": wall,
+        "bytes_sent_per_rank": sent,
+        "final_loss": records[-1]["loss"] if records else None,
+        "run_dir": str(run),
+    }
     if rank == 0:
         # the consensus model (every worker holds it after finalize), to evaluate and export
         write_final(run, summary, model, records)

@@ -10,6 +10,7 @@ receiver, after a barrier, as the median of a few repetitions:
 
 Usage: python cluster_checks.py OUT.json [MBYTES]
 """
+
 import json
 import os
 import statistics
@@ -49,6 +50,7 @@ def main():
             elif rank == dst:
                 dist.recv(recv, src)
                 return True
+
         return step
 
     def swap(a, b, fixed):
@@ -60,10 +62,12 @@ def main():
             if fixed:
                 comm.exchange([(peer, send)], [(peer, recv)])
             else:  # the order Comm.exchange used before: every send, then every receive
-                for req in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peer),
-                                                   dist.P2POp(dist.irecv, recv, peer)]):
+                for req in dist.batch_isend_irecv(
+                    [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, recv, peer)]
+                ):
                     req.wait()
             return True
+
         return step
 
     p2p(0, 2)(), p2p(2, 0)(), p2p(0, 1)()  # warm up: connections and buffers
@@ -74,9 +78,19 @@ def main():
         "sends_first": timed(swap(0, 2, False)),
         "bytes": n * 4,
         "pid": os.getpid(),
-        "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                                               "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME",
-                                               "LOOKAHEAD_DIST_CLUSTER_BANDWIDTH_BITS")},
+        "env": {
+            k: os.environ.get(k)
+            for k in (
+                "RANK",
+                "LOCAL_RANK",
+                "WORLD_SIZE",
+                "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "GLOO_SOCKET_IFNAME",
+                "LOOKAHEAD_DIST_CLUSTER_BANDWIDTH_BITS",
+            )
+        },
     }
     everything = comm.all_gather_object(result)
     if rank == 0:

@@ -5,6 +5,7 @@ a transfer across the link, one inside a node and an exchange both ways; the
 other tests run a torch-free rank script to crash, be signalled or be killed.
 Skipped, with the reason, only where network namespaces are not permitted.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,8 +90,10 @@ def checks(permitted, tmp_path_factory):
     out = tmp_path_factory.mktemp("cluster") / "checks.json"
     links, lines = _host_links(), []
     # in this process: the command line is exercised by the signal tests, and a second import of torch costs seconds
-    code = run(Options(nodes=2, procs_per_node=2, rate_bits=RATE,
-                       command=[str(HERE / "cluster_checks.py"), str(out), "16"]), log=lines.append)
+    code = run(
+        Options(nodes=2, procs_per_node=2, rate_bits=RATE, command=[str(HERE / "cluster_checks.py"), str(out), "16"]),
+        log=lines.append,
+    )
     text = "\n".join(f"[cluster] {line}" for line in lines)
     assert code == 0, text
     per_rank = json.loads(out.read_text())
@@ -136,8 +139,16 @@ def test_normal_end_leaves_nothing(checks):
 
 def test_crashing_rank_fails_the_run_naming_it_and_leaves_nothing(permitted, tmp_path):
     links, lines = _host_links(), []
-    code = run(Options(nodes=2, procs_per_node=2, rate_bits=RATE, grace_s=2.0,
-                       command=[str(HERE / "rank_script.py"), str(tmp_path), "crash"]), log=lines.append)
+    code = run(
+        Options(
+            nodes=2,
+            procs_per_node=2,
+            rate_bits=RATE,
+            grace_s=2.0,
+            command=[str(HERE / "rank_script.py"), str(tmp_path), "crash"],
+        ),
+        log=lines.append,
+    )
     text = "\n".join(lines)
     assert code == 3, text
     assert "rank 1 (node 0, local rank 1) exited with code 3" in text
@@ -156,8 +167,16 @@ def test_ctrl_c_stops_the_ranks_and_leaves_nothing_and_a_live_run_is_never_clean
 
     t = threading.Thread(target=interrupt, daemon=True)
     t.start()
-    code = run(Options(nodes=2, procs_per_node=1, rate_bits=RATE, grace_s=2.0,
-                       command=[str(HERE / "rank_script.py"), str(tmp_path), "sleep"]), log=lines.append)
+    code = run(
+        Options(
+            nodes=2,
+            procs_per_node=1,
+            rate_bits=RATE,
+            grace_s=2.0,
+            command=[str(HERE / "rank_script.py"), str(tmp_path), "sleep"],
+        ),
+        log=lines.append,
+    )
     t.join(5)
     assert code == 128 + signal.SIGINT, lines
     assert len(seen[0]) == 3, seen  # bridge + 2 nodes survived the other start's cleaning
@@ -171,9 +190,25 @@ def test_two_runs_at_once_do_not_collide_and_sigterm_or_sigkill_leave_nothing(pe
     try:
         for d in dirs:
             d.mkdir()
-            procs.append(subprocess.Popen(_cli("--nodes", "2", "--bandwidth", "1gbit", "--grace", "2", "--",
-                                               str(HERE / "rank_script.py"), str(d), "sleep"),
-                                          cwd=ROOT, stderr=subprocess.PIPE, text=True))
+            procs.append(
+                subprocess.Popen(
+                    _cli(
+                        "--nodes",
+                        "2",
+                        "--bandwidth",
+                        "1gbit",
+                        "--grace",
+                        "2",
+                        "--",
+                        str(HERE / "rank_script.py"),
+                        str(d),
+                        "sleep",
+                    ),
+                    cwd=ROOT,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
         ranks = [_wait_files(d, 2) for d in dirs]
         subnets = [{r["MASTER_ADDR"].rsplit(".", 1)[0] for r in rs} for rs in ranks]
         assert len(subnets[0]) == len(subnets[1]) == 1 and subnets[0] != subnets[1], subnets
@@ -198,9 +233,18 @@ def test_two_runs_at_once_do_not_collide_and_sigterm_or_sigkill_leave_nothing(pe
 def test_without_the_capabilities_it_fails_at_once_saying_so(permitted):
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is needed to drop capabilities")
-    proc = subprocess.run(["setpriv", "--bounding-set", "-net_admin,-sys_admin",
-                           *_cli("--nodes", "2", "--bandwidth", "1gbit", "--", "x.py")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set",
+            "-net_admin,-sys_admin",
+            *_cli("--nodes", "2", "--bandwidth", "1gbit", "--", "x.py"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "needs CAP_NET_ADMIN" in proc.stderr, proc.stderr
     assert "[cluster] run" not in proc.stderr  # refused before creating anything
 

@@ -1,4 +1,5 @@
 """The emulated cluster's pieces that need no namespace: rates, times, token bucket sizes, checks, rank environment."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,18 @@ from lookahead_dist.cluster.netns import ClusterError, Network, parse_latency, p
 from lookahead_dist.errors import ConfigError, LookaheadDistError
 
 
-@pytest.mark.parametrize("text, bits", [("1gbit", 1e9), ("500mbit", 5e8), ("2.5gbit", 2.5e9), ("100kbit", 1e5),
-                                        ("25GBIT", 25e9), (" 10 mbit ", 1e7), (3e9, 3e9)])
+@pytest.mark.parametrize(
+    "text, bits",
+    [
+        ("1gbit", 1e9),
+        ("500mbit", 5e8),
+        ("2.5gbit", 2.5e9),
+        ("100kbit", 1e5),
+        ("25GBIT", 25e9),
+        (" 10 mbit ", 1e7),
+        (3e9, 3e9),
+    ],
+)
 def test_parse_rate(text, bits):
     assert parse_rate(text) == bits
 
@@ -49,7 +60,10 @@ def test_token_bucket_holds_a_gso_packet_and_10_ms_of_queue():
 def test_names_and_addresses_stay_inside_the_run():
     net = Network("abc123", 3, (77, 5), 1e9)
     assert net.bridge_ns == "ldc-abc123-br" and [net.node_ns(i) for i in range(3)] == [
-        "ldc-abc123-n0", "ldc-abc123-n1", "ldc-abc123-n2"]
+        "ldc-abc123-n0",
+        "ldc-abc123-n1",
+        "ldc-abc123-n2",
+    ]
     assert [net.address(i) for i in range(3)] == ["10.77.5.1", "10.77.5.2", "10.77.5.3"]
     assert net.enter(1) == ["nsenter", "--net=/run/netns/ldc-abc123-n1", "--"]
 
@@ -59,16 +73,41 @@ def test_rank_env_is_torchruns(monkeypatch):
     net = Network("abc123", 2, (77, 5), 1e9)
     opts = Options(nodes=2, procs_per_node=3, rate_bits=1e9, command=["x.py"], master_port=29511)
     env = rank_env(net, opts, node=1, local_rank=2)
-    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                                "MASTER_PORT", "GLOO_SOCKET_IFNAME")} == {
-        "RANK": "5", "LOCAL_RANK": "2", "WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "3", "GROUP_RANK": "1",
-        "MASTER_ADDR": "10.77.5.1", "MASTER_PORT": "29511", "GLOO_SOCKET_IFNAME": "node1"}
+    assert {
+        k: env[k]
+        for k in (
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "LOCAL_WORLD_SIZE",
+            "GROUP_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "GLOO_SOCKET_IFNAME",
+        )
+    } == {
+        "RANK": "5",
+        "LOCAL_RANK": "2",
+        "WORLD_SIZE": "6",
+        "LOCAL_WORLD_SIZE": "3",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "10.77.5.1",
+        "MASTER_PORT": "29511",
+        "GLOO_SOCKET_IFNAME": "node1",
+    }
     assert "TORCHELASTIC_USE_AGENT_STORE" not in env  # an outer torchrun's store is not this cluster's
 
 
-@pytest.mark.parametrize("kw, word", [({"nodes": 0}, "--nodes"), ({"procs_per_node": 0}, "--procs-per-node"),
-                                      ({"command": []}, "script"), ({"master_port": 70000}, "--master-port"),
-                                      ({"probe_bytes": 1 << 20}, "probe_bytes")])
+@pytest.mark.parametrize(
+    "kw, word",
+    [
+        ({"nodes": 0}, "--nodes"),
+        ({"procs_per_node": 0}, "--procs-per-node"),
+        ({"command": []}, "script"),
+        ({"master_port": 70000}, "--master-port"),
+        ({"probe_bytes": 1 << 20}, "probe_bytes"),
+    ],
+)
 def test_options_refuse_bad_values(kw, word):
     args = dict(nodes=2, procs_per_node=1, rate_bits=1e9, command=["x.py"])
     args.update(kw)

@@ -1,4 +1,5 @@
 """The experiment commands in tiny configurations, through the same code as the full runs."""
+
 import json
 import math
 
@@ -14,8 +15,20 @@ pytest.importorskip("matplotlib")
 
 TINY = {
     "fig1": ["--steps", "10", "--seeds", "2", "--alphas", "0.5", "--eval-every", "5"],
-    "theorem2": ["--K", "100", "--seeds", "2", "--taus", "1,5", "--gammas", "0.02", "--alpha-step", "0.25",
-                 "--table-alphas", "0.5,1"],
+    "theorem2": [
+        "--K",
+        "100",
+        "--seeds",
+        "2",
+        "--taus",
+        "1,5",
+        "--gammas",
+        "0.02",
+        "--alpha-step",
+        "0.25",
+        "--table-alphas",
+        "0.5,1",
+    ],
     "slowmo": ["--steps", "8", "--seeds", "1", "--betas", "0,0.5", "--tau", "4", "--eval-every", "4"],
 }
 
@@ -88,7 +101,8 @@ def test_slowmo_runs(out):
     assert rec["slow_steps"] == 2 and rec["steps_axis"] == [0, 4, 8]
     runs = rec["runs"]
     assert sorted((r["base"], r["beta"]) for r in runs) == sorted(
-        (b, beta) for b in ("local SGD", "SGP") for beta in (0.0, 0.5))
+        (b, beta) for b in ("local SGD", "SGP") for beta in (0.0, 0.5)
+    )
     for r in runs:
         assert len(r["curve"]) == 3 and r["curve"][-1] == r["final_train_loss"]
         assert 0.0 <= r["test_accuracy"] <= 1.0 and math.isfinite(r["final_train_loss"])
@@ -119,13 +133,16 @@ def test_recorded_command_parses_back_to_its_config():
     assert args.out == "somewhere" and ex.config_from_args(args) == cfg
 
 
-@pytest.mark.parametrize("name, cfg", [
-    ("fig1", ex.Fig1Config(eval_every=7)),          # not a multiple of tau = 5
-    ("fig1", ex.Fig1Config(alphas=(0.5, 1.0))),      # alpha = 1 is the SGD baseline already
-    ("slowmo", ex.SlowMoConfig(steps=50)),          # not a multiple of tau = 12
-    ("theorem2", ex.Theorem2Config(K=101)),
-    ("theorem2", ex.Theorem2Config(alpha_step=0.3)),
-])
+@pytest.mark.parametrize(
+    "name, cfg",
+    [
+        ("fig1", ex.Fig1Config(eval_every=7)),  # not a multiple of tau = 5
+        ("fig1", ex.Fig1Config(alphas=(0.5, 1.0))),  # alpha = 1 is the SGD baseline already
+        ("slowmo", ex.SlowMoConfig(steps=50)),  # not a multiple of tau = 12
+        ("theorem2", ex.Theorem2Config(K=101)),
+        ("theorem2", ex.Theorem2Config(alpha_step=0.3)),
+    ],
+)
 def test_bad_configs_are_refused_before_running(name, cfg, tmp_path):
     run = {"fig1": ex.run_fig1, "slowmo": ex.run_slowmo, "theorem2": ex.run_theorem2}[name]
     with pytest.raises(ConfigError):
@@ -153,8 +170,9 @@ def test_the_experiments_use_the_trainers_batches_and_schedule():
     from lookahead_dist.train.data import build_data
     from lookahead_dist.train.schedules import lr_at
 
-    cfg = load_config(None, ["seed=0", "batch_size=40", "optim.schedule=step", "optim.milestones=[5, 8]",
-                             "optim.lr=0.05", "steps=10"])
+    cfg = load_config(
+        None, ["seed=0", "batch_size=40", "optim.schedule=step", "optim.milestones=[5, 8]", "optim.lr=0.05", "steps=10"]
+    )
     xtr, ytr, _, _ = common.digits(torch.float32)
     for rank in (0, 2):
         mine = common.batch_stream(xtr, ytr, 0, 40, rank, 4)

@@ -2,6 +2,7 @@
 
 Every comparison: max |a - b| <= 1e-12 * max(1, max |b|) (float64).
 """
+
 import itertools
 
 import numpy as np
@@ -106,8 +107,9 @@ def random_shared_invariant_schedule(n, seed):
 def test_eq8_lookahead(opt, vectorized):
     alpha, tau = 0.6, 4
     q = Quadratic(d=6, n=2, seed=1, noise=0.3)
-    ref = Reference(lookahead_schedule(alpha, tau), ["fast", "slow"], q.initial(), q, OPTIMIZERS[opt],
-                    vectorized=vectorized)
+    ref = Reference(
+        lookahead_schedule(alpha, tau), ["fast", "slow"], q.initial(), q, OPTIMIZERS[opt], vectorized=vectorized
+    )
     assert ref.vectorized is vectorized
     a = torch.tensor([alpha, 1 - alpha], dtype=F64)
     assert_close(ref.a, a)
@@ -156,8 +158,7 @@ def test_eq8_push_sum_mean_of_numerators():
 def test_eqs_9_10_fast_slow_and_y_agree_every_tau(alpha):
     tau = 5
     q = Quadratic(d=7, n=2, seed=4, noise=0.2)
-    tr = simulate(lookahead_schedule(alpha, tau), ["fast", "slow"], q.initial(), q, adam(), 6 * tau,
-                  record_every=tau)
+    tr = simulate(lookahead_schedule(alpha, tau), ["fast", "slow"], q.initial(), q, adam(), 6 * tau, record_every=tau)
     assert sorted(tr.X) == [tau * t for t in range(7)]
     for k, X in tr.X.items():
         assert_close(X[0], tr.y[k])
@@ -187,8 +188,7 @@ def test_lookahead_matrix_form_equals_algorithm_1(opt):
         z = z + alpha * (x - z)  # line 6: z_t = z_{t-1} + alpha (x_{t,tau} - x_{t,0})
         slow.append(z.clone())
 
-    tr = simulate(lookahead_schedule(alpha, tau), ["fast", "slow"], prob.x0, prob, make, T * tau,
-                  record_every=tau)
+    tr = simulate(lookahead_schedule(alpha, tau), ["fast", "slow"], prob.x0, prob, make, T * tau, record_every=tau)
     for t in range(T + 1):
         assert_close(tr.X[t * tau][1], slow[t])
         assert_close(tr.X[t * tau][0], slow[t])
@@ -208,8 +208,16 @@ def test_slow_momentum_beta0_is_a_matrix_step(buffers):
     q = Quadratic(d=5, n=4, seed=8, noise=0.3)
     roles = ["fast"] * 3 + ["slow"]
     kw = dict(optimizer_state=buffers, record_every=1)
-    tr_sm = simulate(Schedule.static(P), roles, q.initial(), q, sgd_momentum(), 5 * tau,
-                     slow_momentum=SlowMomentum(alpha=alpha, beta=0.0, tau=tau), **kw)
+    tr_sm = simulate(
+        Schedule.static(P),
+        roles,
+        q.initial(),
+        q,
+        sgd_momentum(),
+        5 * tau,
+        slow_momentum=SlowMomentum(alpha=alpha, beta=0.0, tau=tau),
+        **kw,
+    )
     tr_mx = simulate(matrix_form, roles, q.initial(), q, sgd_momentum(), 5 * tau, **kw)
     for k in tr_mx.X:
         assert_close(tr_sm.X[k], tr_mx.X[k])
@@ -222,8 +230,14 @@ def test_slow_momentum_equals_sgd_oracle(push_sum):
     q = Quadratic(d=5, n=4, seed=9, noise=0.4)
     x0 = q.initial()
     sched = Schedule.static(block(W), push_sum=push_sum)
-    ref = Reference(sched, ["fast"] * 3 + ["slow"], x0, q, sgd_momentum(lr0),
-                    slow_momentum=SlowMomentum(alpha=alpha, beta=beta, tau=tau))
+    ref = Reference(
+        sched,
+        ["fast"] * 3 + ["slow"],
+        x0,
+        q,
+        sgd_momentum(lr0),
+        slow_momentum=SlowMomentum(alpha=alpha, beta=beta, tau=tau),
+    )
 
     # Oracle: three fast agents in a plain loop, z driven by torch.optim.SGD with momentum beta.
     xs = [x0.clone() for _ in range(3)]
@@ -266,8 +280,16 @@ def test_slowmo_one_worker_beta0_is_lookahead():
     alpha, tau = 0.4, 6
     q = Quadratic(d=6, n=2, seed=10, noise=0.3)
     kw = dict(record_every=1)
-    tr_sm = simulate(Schedule.static(np.eye(2)), ["fast", "slow"], q.initial(), q, adam(), 4 * tau,
-                     slow_momentum=SlowMomentum(alpha=alpha, beta=0.0, tau=tau), **kw)
+    tr_sm = simulate(
+        Schedule.static(np.eye(2)),
+        ["fast", "slow"],
+        q.initial(),
+        q,
+        adam(),
+        4 * tau,
+        slow_momentum=SlowMomentum(alpha=alpha, beta=0.0, tau=tau),
+        **kw,
+    )
     tr_la = simulate(lookahead_schedule(alpha, tau), ["fast", "slow"], q.initial(), q, adam(), 4 * tau, **kw)
     assert not tr_sm.a_invariant  # the identity has no unique invariant vector; y falls back to 1/n
     for k in tr_la.X:
@@ -277,8 +299,16 @@ def test_slowmo_one_worker_beta0_is_lookahead():
 def test_slowmo_alpha1_beta0_on_local_sgd_is_periodic_averaging():
     n, tau, K = 4, 5, 20
     q = Quadratic(d=6, n=n, seed=11, noise=0.5)
-    tr = simulate(Schedule.static(np.eye(n)), ["fast"] * n, q.initial(), q, sgd_momentum(), K,
-                  slow_momentum=SlowMomentum(alpha=1.0, beta=0.0, tau=tau), record_every=1)
+    tr = simulate(
+        Schedule.static(np.eye(n)),
+        ["fast"] * n,
+        q.initial(),
+        q,
+        sgd_momentum(),
+        K,
+        slow_momentum=SlowMomentum(alpha=1.0, beta=0.0, tau=tau),
+        record_every=1,
+    )
     xs = [q.initial() for _ in range(n)]
     opts = [sgd_momentum()([x]) for x in xs]
     for k in range(K):
@@ -330,7 +360,7 @@ def test_consensus_decays_at_the_ring_rate():
     x0 = torch.randn(n, d, generator=rng(2, "x0"), dtype=F64)
     tr = simulate(sched, ["fast"] * n, x0, q, lambda p: torch.optim.SGD(p, lr=0.0), 60)
     ratio = (tr.consensus[60] / tr.consensus[20]).item()
-    assert abs(ratio / rate ** 40 - 1) < 1e-6
+    assert abs(ratio / rate**40 - 1) < 1e-6
     assert (tr.consensus[1:] <= tr.consensus[:-1] * (1 + 1e-12)).all()
 
 
@@ -344,8 +374,16 @@ def test_buffers_keep_reset_average(vectorized):
     roles = ["fast"] * 3 + ["slow"]
 
     def make(buffers):
-        return Reference(Schedule.static(block(W3)), roles, q.initial(), q, adam(), optimizer_state=buffers,
-                         slow_momentum=SlowMomentum(alpha=0.5, beta=0.3, tau=tau), vectorized=vectorized)
+        return Reference(
+            Schedule.static(block(W3)),
+            roles,
+            q.initial(),
+            q,
+            adam(),
+            optimizer_state=buffers,
+            slow_momentum=SlowMomentum(alpha=0.5, beta=0.3, tau=tau),
+            vectorized=vectorized,
+        )
 
     refs = {b: make(b) for b in ("keep", "reset", "average")}
     for _ in range(tau - 1):  # before the slow step every variant is the same
@@ -374,8 +412,9 @@ def test_buffers_keep_reset_average(vectorized):
 
 def test_buffers_follow_a_schedule_sync_with_slow_agents():
     q = Quadratic(d=3, n=2, seed=15, noise=0.1)
-    ref = Reference(lookahead_schedule(0.5, 2), ["fast", "slow"], q.initial(), q, sgd_momentum(),
-                    optimizer_state="reset")
+    ref = Reference(
+        lookahead_schedule(0.5, 2), ["fast", "slow"], q.initial(), q, sgd_momentum(), optimizer_state="reset"
+    )
     ref.step()
     assert "momentum_buffer" in ref.optimizer_state(0)
     ref.step()  # P_1 = a 1^T mixes the slow agent with the fast one: a slow step
@@ -389,8 +428,7 @@ def test_grad_mixing_average_on_complete_graph_is_one_model_with_mean_gradient()
     n, K = 4, 12
     prob = tiny_regression(n, seed=16)
     J = np.full((n, n), 1.0 / n)
-    tr = simulate(Schedule.static(J), ["fast"] * n, prob.x0, prob, adam(0.01), K, grad_mixing="average",
-                  record_every=1)
+    tr = simulate(Schedule.static(J), ["fast"] * n, prob.x0, prob, adam(0.01), K, grad_mixing="average", record_every=1)
     x = prob.x0.clone()
     opt = adam(0.01)([x])
     for k in range(K):
@@ -417,13 +455,21 @@ def _vec_cases():
     sync[:, :] = np.outer(np.r_[np.full(8, 0.5 / 8), 0.5], np.ones(9))
     return {
         "ring40_sparse": (Schedule.static(ring40), ["fast"] * 39 + ["slow"], {}),
-        "ring8_slow_sync_average": (Schedule([Phase(ring8_slow, 2), Phase(sync, 1)]), ["fast"] * 8 + ["slow"],
-                                    dict(optimizer_state="average")),
-        "push_sum_slowmo_reset": (Schedule.static(directed_row_stochastic(), push_sum=True), ["fast"] * 5,
-                                  dict(slow_momentum=SlowMomentum(0.7, 0.5, 4), optimizer_state="reset")),
-        "slowmo_average_gradmix": (Schedule.static(block(W3, slow=2)), ["fast"] * 3 + ["slow"] * 2,
-                                   dict(slow_momentum=SlowMomentum(0.6, 0.4, 3), optimizer_state="average",
-                                        grad_mixing="average")),
+        "ring8_slow_sync_average": (
+            Schedule([Phase(ring8_slow, 2), Phase(sync, 1)]),
+            ["fast"] * 8 + ["slow"],
+            dict(optimizer_state="average"),
+        ),
+        "push_sum_slowmo_reset": (
+            Schedule.static(directed_row_stochastic(), push_sum=True),
+            ["fast"] * 5,
+            dict(slow_momentum=SlowMomentum(0.7, 0.5, 4), optimizer_state="reset"),
+        ),
+        "slowmo_average_gradmix": (
+            Schedule.static(block(W3, slow=2)),
+            ["fast"] * 3 + ["slow"] * 2,
+            dict(slow_momentum=SlowMomentum(0.6, 0.4, 3), optimizer_state="average", grad_mixing="average"),
+        ),
         "lookahead": (Schedule([Phase(np.eye(2), 3), Phase(la, 1)]), ["fast", "slow"], {}),
     }
 
@@ -466,15 +512,16 @@ def test_vectorized_auto_falls_back_for_unequal_hyperparameters():
     lrs = iter([0.1, 0.2, 0.3])
     with pytest.raises(ConfigError, match="vectorized: .*different hyper-parameters"):
         Reference(Schedule.static(ring_matrix(3)), ["fast"] * 3, q.initial(), q, factory, vectorized=True)
-    for factory, why in [(lambda p: torch.optim.RMSprop(p, lr=0.1), "SGD, Adam, AdamW"),
-                         (lambda p: torch.optim.SGD(p, lr=0.1 * len(p[0])), "stacked")]:
+    for factory, why in [
+        (lambda p: torch.optim.RMSprop(p, lr=0.1), "SGD, Adam, AdamW"),
+        (lambda p: torch.optim.SGD(p, lr=0.1 * len(p[0])), "stacked"),
+    ]:
         ref = Reference(Schedule.static(ring_matrix(3)), ["fast"] * 3, q.initial(), q, factory)
         assert not ref.vectorized and len(ref.optimizers) == 3
         with pytest.raises(ConfigError, match=why):
             Reference(Schedule.static(ring_matrix(3)), ["fast"] * 3, q.initial(), q, factory, vectorized=True)
     with pytest.raises(ConfigError, match="batched_grad"):
-        Reference(Schedule.static(ring_matrix(3)), ["fast"] * 3, q.initial(), PerAgentOnly(q), adam(),
-                  vectorized=True)
+        Reference(Schedule.static(ring_matrix(3)), ["fast"] * 3, q.initial(), PerAgentOnly(q), adam(), vectorized=True)
     prob = tiny_regression(2)  # batched_grad is a loop over agents, the optimizer and mixing are vectorized
     assert Reference(Schedule.static(ring_matrix(2)), ["fast"] * 2, prob.x0, prob, adam()).vectorized
 
@@ -523,18 +570,35 @@ def test_recording_only_at_requested_steps():
 )
 def test_invalid_arguments_raise_config_error(kw, name):
     q = Quadratic(d=2, n=2, seed=0)
-    args = dict(schedule=lookahead_schedule(0.5, 2), roles=["fast", "slow"], x0=torch.zeros(2), objective=q,
-                optimizer_factory=sgd_momentum())
+    args = dict(
+        schedule=lookahead_schedule(0.5, 2),
+        roles=["fast", "slow"],
+        x0=torch.zeros(2),
+        objective=q,
+        optimizer_factory=sgd_momentum(),
+    )
     args.update(kw)
     with pytest.raises(ConfigError, match=name.replace("[", r"\[")):
-        Reference(args.pop("schedule"), args.pop("roles"), args.pop("x0"), args.pop("objective"),
-                  args.pop("optimizer_factory"), **args)
+        Reference(
+            args.pop("schedule"),
+            args.pop("roles"),
+            args.pop("x0"),
+            args.pop("objective"),
+            args.pop("optimizer_factory"),
+            **args,
+        )
 
 
 @pytest.mark.parametrize(
     "kw, name",
-    [(dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(beta=1.0), "beta"), (dict(beta=-0.1), "beta"),
-     (dict(tau=0), "tau"), (dict(tau=2.0), "tau")],
+    [
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(beta=1.0), "beta"),
+        (dict(beta=-0.1), "beta"),
+        (dict(tau=0), "tau"),
+        (dict(tau=2.0), "tau"),
+    ],
 )
 def test_slow_momentum_fields_are_validated(kw, name):
     with pytest.raises(ConfigError, match=f"slow_momentum.{name} must .*{list(kw.values())[0]!r}"):
@@ -549,8 +613,14 @@ def test_slow_momentum_alpha_above_one_only_on_request_as_in_slowmo():
 
 def test_slow_momentum_needs_positive_learning_rate():
     q = Quadratic(d=2, n=2, seed=0)
-    ref = Reference(Schedule.static(np.eye(2)), ["fast", "slow"], torch.zeros(2), q,
-                    lambda p: torch.optim.SGD(p, lr=0.0), slow_momentum=SlowMomentum(0.5, 0.5, 1))
+    ref = Reference(
+        Schedule.static(np.eye(2)),
+        ["fast", "slow"],
+        torch.zeros(2),
+        q,
+        lambda p: torch.optim.SGD(p, lr=0.0),
+        slow_momentum=SlowMomentum(0.5, 0.5, 1),
+    )
     with pytest.raises(ConfigError, match="lr=0.0"):
         ref.step()
 

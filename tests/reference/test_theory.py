@@ -1,4 +1,5 @@
 """Tests of lookahead_dist.reference.theory: eqs. (13)-(15), the recommended alpha, and Theorem 2 on a test problem."""
+
 import math
 
 import numpy as np
@@ -14,13 +15,12 @@ from lookahead_dist.errors import ConfigError
 def bound14_grid(alphas, gamma, L, sigma2, tau, K, f_gap):
     """Eq. (14) written out again, vectorized over alphas."""
     a = np.asarray(alphas)
-    return (2 * f_gap / (a * gamma * K) + a * gamma * L * sigma2
-            + (1 - a) ** 2 * gamma ** 2 * L ** 2 * sigma2 * (tau - 1))
+    return 2 * f_gap / (a * gamma * K) + a * gamma * L * sigma2 + (1 - a) ** 2 * gamma**2 * L**2 * sigma2 * (tau - 1)
 
 
 def cond13_grid(alphas, gamma, L, tau):
     a = np.asarray(alphas)
-    return a * gamma * L + (1 - a) ** 2 * gamma ** 2 * L ** 2 * tau * (tau - 1)
+    return a * gamma * L + (1 - a) ** 2 * gamma**2 * L**2 * tau * (tau - 1)
 
 
 # ------------------------------------------------------------------ eq. (13)
@@ -51,8 +51,9 @@ def test_max_gamma_is_equality_in_13(alpha, L, tau):
     assert not th.satisfies_step_size_condition(alpha, g * (1 + 1e-9), L, tau)
 
 
-@pytest.mark.parametrize("gamma,L,tau", [(0.05, 5.0, 5), (0.1, 5.0, 10), (0.3, 5.0, 1),
-                                         (0.02, 5.0, 10), (0.35, 3.0, 2), (1.0, 0.9, 3)])
+@pytest.mark.parametrize(
+    "gamma,L,tau", [(0.05, 5.0, 5), (0.1, 5.0, 10), (0.3, 5.0, 1), (0.02, 5.0, 10), (0.35, 3.0, 2), (1.0, 0.9, 3)]
+)
 def test_feasible_alpha_interval_matches_grid(gamma, L, tau):
     lo, hi = th.feasible_alpha_interval(gamma, L, tau)
     assert 0 <= lo <= hi <= 1
@@ -71,7 +72,8 @@ def test_bound_hand_values():
     # (2*1 + 0.25*2*1) / (0.5*10) + 0.25*4*1*1/100 = 0.5 + 0.01
     assert th.bound_sqrt_k(0.5, 2.0, 1.0, 2, 100, 1.0) == pytest.approx(0.51, rel=1e-14)
     assert th.bound_sqrt_k(0.5, 2.0, 1.0, 2, 100, 1.0) == pytest.approx(
-        th.bound(0.5, 0.1, 2.0, 1.0, 2, 100, 1.0), rel=1e-14)
+        th.bound(0.5, 0.1, 2.0, 1.0, 2, 100, 1.0), rel=1e-14
+    )
     # 0.5*0.1*2*1 + 0.25*0.01*4*1*2 = 0.1 + 0.02
     assert th.floor(0.5, 0.1, 2.0, 1.0, 3) == pytest.approx(0.12, rel=1e-14)
     assert th.sgd_floor(0.1, 2.0, 3.0) == pytest.approx(0.6, rel=1e-15)
@@ -79,12 +81,13 @@ def test_bound_hand_values():
 
 
 def test_bound_tends_to_floor_and_needs_13():
-    b = th.bound(0.4, 0.03, 5.0, 2.0, 6, 6 * 10 ** 9, 10.0)
+    b = th.bound(0.4, 0.03, 5.0, 2.0, 6, 6 * 10**9, 10.0)
     assert b - th.floor(0.4, 0.03, 5.0, 2.0, 6) == pytest.approx(20 / (0.4 * 0.03 * 6e9), rel=1e-6)
     with pytest.raises(ConfigError, match=r"\(13\).*alpha=0\.2.*gamma=0\.05.*tau=10"):
         th.bound(0.2, 0.05, 5.0, 1.0, 10, 100, 1.0)
     assert th.bound(0.2, 0.05, 5.0, 1.0, 10, 100, 1.0, strict=False) == pytest.approx(
-        bound14_grid(0.2, 0.05, 5.0, 1.0, 10, 100, 1.0))
+        bound14_grid(0.2, 0.05, 5.0, 1.0, 10, 100, 1.0)
+    )
     with pytest.raises(ConfigError, match=r"\(13\)"):
         th.bound_sqrt_k(0.5, 100.0, 1.0, 2, 4, 1.0)  # gamma = 1/2, gamma L = 50
 
@@ -103,15 +106,15 @@ def test_beats_sgd_floor():
 
 # ---------------------------------------------------------- recommended alpha
 CASES = [  # gamma, L, sigma2, tau, K, f_gap
-    (0.05, 5.0, 1.0, 5, 1000, 45.0),       # upper end alpha = 1
-    (0.1, 5.0, 10.0, 10, 1000, 45.0),      # interval [0.84, 1], interior minimizer
-    (0.02, 5.0, 100.0, 10, 10000, 45.0),   # interior, lower end open at 0
+    (0.05, 5.0, 1.0, 5, 1000, 45.0),  # upper end alpha = 1
+    (0.1, 5.0, 10.0, 10, 1000, 45.0),  # interval [0.84, 1], interior minimizer
+    (0.02, 5.0, 100.0, 10, 10000, 45.0),  # interior, lower end open at 0
     (0.1, 5.0, 100.0, 10, 100000, 1.0),
-    (0.3, 5.0, 1.0, 1, 1000, 1.0),         # tau = 1, interval (0, 2/3]
-    (0.35, 3.0, 4.0, 2, 300, 0.5),         # gamma L > 1: alpha = 1 infeasible
-    (0.1, 5.0, 100.0, 10, 10 ** 9, 1.0),   # lower end of (13) is active
+    (0.3, 5.0, 1.0, 1, 1000, 1.0),  # tau = 1, interval (0, 2/3]
+    (0.35, 3.0, 4.0, 2, 300, 0.5),  # gamma L > 1: alpha = 1 infeasible
+    (0.1, 5.0, 100.0, 10, 10**9, 1.0),  # lower end of (13) is active
     (0.001, 1.0, 1.0, 2, 2, 1e6),
-    (0.04, 2.0, 0.0, 4, 400, 3.0),         # sigma2 = 0: largest feasible alpha
+    (0.04, 2.0, 0.0, 4, 400, 3.0),  # sigma2 = 0: largest feasible alpha
 ]
 
 
@@ -129,8 +132,14 @@ def test_recommended_alpha_matches_dense_grid(gamma, L, sigma2, tau, K, f_gap):
 
 
 @settings(max_examples=60, deadline=None)
-@given(gamma=st.floats(1e-4, 2.0), L=st.floats(0.1, 20.0), sigma2=st.floats(0.0, 100.0),
-       tau=st.integers(1, 30), T=st.integers(1, 10 ** 5), f_gap=st.floats(1e-3, 1e3))
+@given(
+    gamma=st.floats(1e-4, 2.0),
+    L=st.floats(0.1, 20.0),
+    sigma2=st.floats(0.0, 100.0),
+    tau=st.integers(1, 30),
+    T=st.integers(1, 10**5),
+    f_gap=st.floats(1e-3, 1e3),
+)
 def test_recommended_alpha_is_feasible_and_optimal(gamma, L, sigma2, tau, T, f_gap):
     K = T * tau
     try:
@@ -143,8 +152,9 @@ def test_recommended_alpha_is_feasible_and_optimal(gamma, L, sigma2, tau, T, f_g
     assert max(lo, 0) <= alpha <= hi and alpha > 0
     assert th.satisfies_step_size_condition(alpha, gamma, L, tau)
     grid = np.linspace(max(lo, 1e-9), hi, 2001)
-    assert th.bound(alpha, gamma, L, sigma2, tau, K, f_gap) <= \
-        bound14_grid(grid, gamma, L, sigma2, tau, K, f_gap).min() * (1 + 1e-12)
+    assert th.bound(alpha, gamma, L, sigma2, tau, K, f_gap) <= bound14_grid(
+        grid, gamma, L, sigma2, tau, K, f_gap
+    ).min() * (1 + 1e-12)
 
 
 def test_recommended_alpha_differs_from_floor_minimizer():
@@ -156,31 +166,36 @@ def test_recommended_alpha_differs_from_floor_minimizer():
     # with a positive floor minimizer, the K -> infinity recommendation tends to it
     gamma, tau = 0.02, 10
     floor_argmin = 1 - 1 / (2 * gamma * L * (tau - 1))  # 0.444...
-    assert th.recommended_alpha(gamma, L, sigma2, tau, 10 ** 13, 1.0) == pytest.approx(floor_argmin, abs=1e-4)
+    assert th.recommended_alpha(gamma, L, sigma2, tau, 10**13, 1.0) == pytest.approx(floor_argmin, abs=1e-4)
     # with f_gap = 0 and a non-positive floor minimizer there is no minimizer in (0, 1]
     with pytest.raises(ConfigError, match=r"no minimizer.*f_gap=0"):
         th.recommended_alpha(0.02, L, sigma2, 5, 5000, 0.0)
 
 
 # ------------------------------------------------------------------- errors
-@pytest.mark.parametrize("call,pattern", [
-    (lambda: th.step_size_condition(0.0, 0.1, 1.0, 2), r"alpha must lie in \(0, 1\], got 0\.0"),
-    (lambda: th.step_size_condition(1.5, 0.1, 1.0, 2), r"alpha must lie in \(0, 1\], got 1\.5"),
-    (lambda: th.step_size_condition(True, 0.1, 1.0, 2), r"alpha must lie in .*got True"),
-    (lambda: th.step_size_condition(0.5, -0.1, 1.0, 2), r"gamma must be .*gamma > 0, got -0\.1"),
-    (lambda: th.step_size_condition(0.5, float("nan"), 1.0, 2), r"gamma must be .*got nan"),
-    (lambda: th.max_gamma(0.5, 0.0, 2), r"L must be .*L > 0, got 0\.0"),
-    (lambda: th.max_gamma(0.5, 1.0, 0), r"tau must be an integer >= 1, got 0"),
-    (lambda: th.max_gamma(0.5, 1.0, 2.5), r"tau must be an integer .*got 2\.5"),
-    (lambda: th.floor(0.5, 0.1, 1.0, -1.0, 2), r"sigma2 must be .*sigma2 >= 0, got -1\.0"),
-    (lambda: th.bound(0.5, 0.1, 1.0, 1.0, 2, 7, 1.0), r"K must be an integer multiple of tau=2.*got 7"),
-    (lambda: th.bound(0.5, 0.1, 1.0, 1.0, 4, 2, 1.0), r"K must be .*K >= tau.*got 2"),
-    (lambda: th.bound_sqrt_k(0.5, 1.0, 1.0, 2, 4, -2.0), r"f_gap must be .*f_gap >= 0, got -2\.0"),
-    (lambda: th.recommended_alpha(1.0, 5.0, 1.0, 3, 30, 1.0),
-     r"no alpha in \(0, 1\] satisfies .*\(13\).*gamma=1\.0, L=5\.0, tau=3"),
-    (lambda: th.RippledQuadratic(d=0), r"d must be an integer >= 1, got 0"),
-    (lambda: th.empirical_gradient_norm(0.5, 2, 0.1, 10, [], sigma2=1.0), r"seeds must be"),
-])
+@pytest.mark.parametrize(
+    "call,pattern",
+    [
+        (lambda: th.step_size_condition(0.0, 0.1, 1.0, 2), r"alpha must lie in \(0, 1\], got 0\.0"),
+        (lambda: th.step_size_condition(1.5, 0.1, 1.0, 2), r"alpha must lie in \(0, 1\], got 1\.5"),
+        (lambda: th.step_size_condition(True, 0.1, 1.0, 2), r"alpha must lie in .*got True"),
+        (lambda: th.step_size_condition(0.5, -0.1, 1.0, 2), r"gamma must be .*gamma > 0, got -0\.1"),
+        (lambda: th.step_size_condition(0.5, float("nan"), 1.0, 2), r"gamma must be .*got nan"),
+        (lambda: th.max_gamma(0.5, 0.0, 2), r"L must be .*L > 0, got 0\.0"),
+        (lambda: th.max_gamma(0.5, 1.0, 0), r"tau must be an integer >= 1, got 0"),
+        (lambda: th.max_gamma(0.5, 1.0, 2.5), r"tau must be an integer .*got 2\.5"),
+        (lambda: th.floor(0.5, 0.1, 1.0, -1.0, 2), r"sigma2 must be .*sigma2 >= 0, got -1\.0"),
+        (lambda: th.bound(0.5, 0.1, 1.0, 1.0, 2, 7, 1.0), r"K must be an integer multiple of tau=2.*got 7"),
+        (lambda: th.bound(0.5, 0.1, 1.0, 1.0, 4, 2, 1.0), r"K must be .*K >= tau.*got 2"),
+        (lambda: th.bound_sqrt_k(0.5, 1.0, 1.0, 2, 4, -2.0), r"f_gap must be .*f_gap >= 0, got -2\.0"),
+        (
+            lambda: th.recommended_alpha(1.0, 5.0, 1.0, 3, 30, 1.0),
+            r"no alpha in \(0, 1\] satisfies .*\(13\).*gamma=1\.0, L=5\.0, tau=3",
+        ),
+        (lambda: th.RippledQuadratic(d=0), r"d must be an integer >= 1, got 0"),
+        (lambda: th.empirical_gradient_norm(0.5, 2, 0.1, 10, [], sigma2=1.0), r"seeds must be"),
+    ],
+)
 def test_errors_name_argument_rule_and_value(call, pattern):
     with pytest.raises(ConfigError, match=pattern):
         call()
@@ -260,8 +275,7 @@ def test_noise_has_total_variance_sigma2():
     # quadratic (b = 0), alpha = 1, started at the minimum: stationary SGD on a x^2/2 with
     # rate g has E||grad f||^2 = a g sigma2 / (2 - a g) (per-coordinate variance sigma2 / d)
     p = th.RippledQuadratic(d=10, a=1.0, b=0.0)
-    got = th.empirical_gradient_norm(1.0, 1, 0.1, 4000, range(20), sigma2=10.0, problem=p,
-                                     x0=np.zeros(10)).mean()
+    got = th.empirical_gradient_norm(1.0, 1, 0.1, 4000, range(20), sigma2=10.0, problem=p, x0=np.zeros(10)).mean()
     assert got == pytest.approx(0.1 * 10.0 / 1.9, rel=0.03)
 
 

@@ -2,6 +2,7 @@
 
 The same check runs on a GPU in tests/test_gpu.py; see tests/local_placement.py.
 """
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """The user-facing check: python -m lookahead_dist.verify FILE --nproc N."""
+
 import io
 import os
 import subprocess
@@ -35,9 +36,19 @@ def test_verify_fails_beyond_tolerance_and_on_a_bad_file(tmp_path, capsys):
 
 def test_verify_command_line_runs():
     proc = subprocess.run(
-        [sys.executable, "-m", "lookahead_dist.verify", os.path.join(TOPOLOGIES, "directed_push_sum.yaml"),
-         "--nproc", "4", "--steps", "6"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "lookahead_dist.verify",
+            os.path.join(TOPOLOGIES, "directed_push_sum.yaml"),
+            "--nproc",
+            "4",
+            "--steps",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "push-sum: yes" in proc.stdout

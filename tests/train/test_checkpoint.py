@@ -2,6 +2,7 @@
 
 Several ranks are threads here, joined by a comm that gathers through shared memory (no process group).
 """
+
 import json
 import threading
 
@@ -62,19 +63,23 @@ def model_and_opt(fill: float):
 
 def save_steps(run, steps, world: int = 1):
     """Checkpoints at ``steps`` on ``world`` ranks; rank r's weights at step s are all s + r / 4."""
+
     def fn(comm):
         for s in steps:
             model, opt = model_and_opt(s + comm.rank / 4)
             checkpoint.save(run, s, comm, model, opt, bytes_sent=100 * s)
+
     on_ranks(fn, world)
 
 
 def resume(run, world: int = 1):
     """[(step, bytes_sent, weight) or the exception] per rank."""
+
     def fn(comm):
         model, opt = model_and_opt(-1.0)
         step, sent = checkpoint.resume(run, comm, model, opt)
         return step, sent, float(model.weight.detach()[0, 0])
+
     return on_ranks(fn, world)
 
 
@@ -99,12 +104,15 @@ def test_save_keeps_the_newest_checkpoints_and_the_manifest_names_the_last(tmp_p
     assert resume(tmp_path, world=2) == [(30, 3000, 30.0), (30, 3000, 30.25)]
 
 
-@pytest.mark.parametrize("damage, words", [
-    (truncate, "is truncated or corrupt"),
-    (lambda p: p.write_bytes(b"not a checkpoint at all"), "is truncated or corrupt"),
-    (lambda p: p.unlink(), "is missing"),
-    (lambda p: torch.save({"step": 30}, p), "is not a checkpoint of this trainer"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (truncate, "is truncated or corrupt"),
+        (lambda p: p.write_bytes(b"not a checkpoint at all"), "is truncated or corrupt"),
+        (lambda p: p.unlink(), "is missing"),
+        (lambda p: torch.save({"step": 30}, p), "is not a checkpoint of this trainer"),
+    ],
+)
 def test_a_damaged_file_is_named(tmp_path, damage, words):
     save_steps(tmp_path, [30])
     path = rank_file(tmp_path, 30, 0)

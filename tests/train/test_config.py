@@ -1,4 +1,5 @@
 """Run configs (typed, strict), the learning-rate schedule, data sharding and the models; no processes spawned."""
+
 import math
 import sys
 import warnings
@@ -25,7 +26,12 @@ def write(tmp_path, text: str) -> Path:
 def test_defaults_need_no_file_and_match_the_spelled_out_config():
     cfg = load_config(None, [])
     assert (cfg.algorithm.name, cfg.model.name, cfg.data.name, cfg.steps, cfg.epochs) == (
-        "slowmo", "digits_cnn", "digits", 400, None)
+        "slowmo",
+        "digits_cnn",
+        "digits",
+        400,
+        None,
+    )
     assert to_dict(load_config(CONFIGS / "digits_slowmo.yaml")) == to_dict(Config())
 
 
@@ -81,11 +87,22 @@ def test_wrong_types_in_override():
 
 
 def test_override_conversion_uses_the_field_type():
-    cfg = load_config(None, [
-        "steps=120", "optim.lr=1e-3", "optim.weight_decay=0", "algorithm.shard=true", "model.batch_norm=0",
-        "optim.milestones=[10, 20.5]", "algorithm.topology=null", "name=123", "data.path=/x y/z",
-        "optim.schedule=step", "timeout_s=60",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "steps=120",
+            "optim.lr=1e-3",
+            "optim.weight_decay=0",
+            "algorithm.shard=true",
+            "model.batch_norm=0",
+            "optim.milestones=[10, 20.5]",
+            "algorithm.topology=null",
+            "name=123",
+            "data.path=/x y/z",
+            "optim.schedule=step",
+            "timeout_s=60",
+        ],
+    )
     assert cfg.steps == 120 and cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 0.0
     assert isinstance(cfg.optim.weight_decay, float) and isinstance(cfg.timeout_s, float)
     assert cfg.algorithm.shard is True and cfg.model.batch_norm is False
@@ -101,24 +118,27 @@ def test_file_then_overrides(tmp_path):
     assert (cfg.optim.lr, cfg.steps, cfg.optim.momentum) == (0.2, 10, 0.9)
 
 
-@pytest.mark.parametrize("override, pattern", [
-    ("optim.lr=0", r"optim\.lr must be > 0"),
-    ("optim.lr=-1", r"optim\.lr must be > 0"),
-    ("batch_size=0", r"batch_size must be an integer >= 1, got 0"),
-    ("algorithm.tau=0", r"algorithm\.tau must be an integer >= 1, got 0"),
-    ("algorithm.optimizer_state=mix", r"algorithm\.optimizer_state must be one of \('keep', 'reset', 'average'\)"),
-    ("eval_every=-1", r"eval_every must be an integer >= 0, got -1 \(0: only at the end\)"),
-    ("algorithm.alpha=1.5", r"algorithm\.alpha must lie in \(0, 1\]"),
-    ("algorithm.beta=1", r"algorithm\.beta must lie in \[0, 1\)"),
-    ("algorithm.name=sgp", r"algorithm\.name must be one of"),
-    ("optim.schedule=linear", r"optim\.schedule must be one of"),
-    ("optim.momentum=1", r"optim\.momentum must lie in \[0, 1\)"),
-    ("epochs=3", r"steps/epochs exactly one must be set"),
-    ("data.test_fraction=1", r"data\.test_fraction must lie in \(0, 1\)"),
-    ("backend=mpi", r"backend must be auto, gloo or nccl"),
-    ("resume=true", r"resume needs out_dir"),
-    ("data.name=cifar10", r"data\.path is required for cifar10"),
-])
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("optim.lr=0", r"optim\.lr must be > 0"),
+        ("optim.lr=-1", r"optim\.lr must be > 0"),
+        ("batch_size=0", r"batch_size must be an integer >= 1, got 0"),
+        ("algorithm.tau=0", r"algorithm\.tau must be an integer >= 1, got 0"),
+        ("algorithm.optimizer_state=mix", r"algorithm\.optimizer_state must be one of \('keep', 'reset', 'average'\)"),
+        ("eval_every=-1", r"eval_every must be an integer >= 0, got -1 \(0: only at the end\)"),
+        ("algorithm.alpha=1.5", r"algorithm\.alpha must lie in \(0, 1\]"),
+        ("algorithm.beta=1", r"algorithm\.beta must lie in \[0, 1\)"),
+        ("algorithm.name=sgp", r"algorithm\.name must be one of"),
+        ("optim.schedule=linear", r"optim\.schedule must be one of"),
+        ("optim.momentum=1", r"optim\.momentum must lie in \[0, 1\)"),
+        ("epochs=3", r"steps/epochs exactly one must be set"),
+        ("data.test_fraction=1", r"data\.test_fraction must lie in \(0, 1\)"),
+        ("backend=mpi", r"backend must be auto, gloo or nccl"),
+        ("resume=true", r"resume needs out_dir"),
+        ("data.name=cifar10", r"data\.path is required for cifar10"),
+    ],
+)
 def test_ranges_are_validated(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, [override])
@@ -131,10 +151,19 @@ def test_gpu_configs_load_without_torchvision():
     c = load_config(CONFIGS / "cifar10_resnet34.yaml")
     i = load_config(CONFIGS / "imagenet_resnet50.yaml")
     assert (c.model.name, c.data.name, c.epochs, c.optim.schedule, c.optim.momentum) == (
-        "resnet34", "cifar10", 200.0, "step", 0.9)
+        "resnet34",
+        "cifar10",
+        200.0,
+        "step",
+        0.9,
+    )
     assert (c.algorithm.name, c.algorithm.alpha, c.algorithm.tau) == ("lookahead", 0.5, 5)
     assert (i.model.name, i.data.name, i.model.num_classes, i.optim.milestones) == (
-        "resnet50", "imagenet", 1000, [30.0, 60.0, 80.0])
+        "resnet50",
+        "imagenet",
+        1000,
+        [30.0, 60.0, 80.0],
+    )
     for cfg in (c, i):
         assert cfg.batch_size * 8 == 256  # 256 in total on 8 GPUs
     for name in ("digits_gossip", "digits_lookahead"):
@@ -163,8 +192,17 @@ def test_resnet_without_torchvision_is_a_clear_error():
 
 
 def test_learning_rate_schedules():
-    cfg = load_config(None, ["optim.schedule=step", "optim.milestones=[2, 4]", "optim.milestones_in=epochs",
-                             "optim.decay=0.5", "optim.lr=0.8", "steps=100"])
+    cfg = load_config(
+        None,
+        [
+            "optim.schedule=step",
+            "optim.milestones=[2, 4]",
+            "optim.milestones_in=epochs",
+            "optim.decay=0.5",
+            "optim.lr=0.8",
+            "steps=100",
+        ],
+    )
     lrs = [lr_at(cfg, k, 100, steps_per_epoch=10) for k in (0, 19, 20, 39, 40, 99)]
     assert lrs == [0.8, 0.8, 0.4, 0.4, 0.2, 0.2]
     cfg = load_config(None, ["optim.warmup_steps=3", "optim.lr=0.4"])
@@ -195,8 +233,10 @@ def test_old_spellings_load_with_a_deprecation_warning(tmp_path):
     assert (cfg.algorithm.name, cfg.algorithm.optimizer_state) == ("decentralized", "average")
     with pytest.raises(ConfigError, match=r"'algorithm\.buffers' is the old name of 'algorithm\.optimizer_state'"):
         load_config(write(tmp_path, "algorithm:\n  buffers: reset\n  optimizer_state: keep\n"))
-    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError,
-                                                         match=r"algorithm\.optimizer_state must be one of"):
+    with (
+        pytest.warns(DeprecationWarning),
+        pytest.raises(ConfigError, match=r"algorithm\.optimizer_state must be one of"),
+    ):
         load_config(None, ["algorithm.buffers=nope"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)

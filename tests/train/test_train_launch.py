@@ -1,4 +1,5 @@
 """launch/train.py under torchrun on 2 gloo ranks: a short real run, a NaN on one rank, a resume."""
+
 import json
 import os
 import shutil
@@ -73,8 +74,9 @@ def test_nan_on_one_rank_stops_every_rank_then_resume_matches(good_run, tmp_path
     manifest = json.loads((run / "checkpoints" / "manifest.json").read_text())
     assert manifest["step"] == 30
     state = torch.load(run / "checkpoints" / manifest["files"][1], weights_only=True)
-    assert state["step"] == 30 and all(torch.isfinite(t).all() for t in state["model"].values()
-                                       if t.is_floating_point())
+    assert state["step"] == 30 and all(
+        torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()
+    )
     assert max(r["step"] for r in records(run)) == 40
 
     proc = torchrun(tmp_path, *COMMON, "--out", str(run), "--resume")
@@ -84,15 +86,30 @@ def test_nan_on_one_rank_stops_every_rank_then_resume_matches(good_run, tmp_path
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]
     for a, b in zip(resumed, straight):  # the same batches, states and schedule: the same trajectory
         assert (a["loss"], a["lr"], a.get("test_accuracy"), a["bytes_sent"]) == (
-            b["loss"], b["lr"], b.get("test_accuracy"), b["bytes_sent"])
+            b["loss"],
+            b["lr"],
+            b.get("test_accuracy"),
+            b["bytes_sent"],
+        )
 
 
 def test_torchrun_restart_after_a_killed_worker_ends_identical(good_run, tmp_path):
     """Under --max-restarts=1 a worker killed mid-run restarts the group from the last checkpoint."""
     run, _ = good_run
     cmd_extra = ["--set", "debug.kill_step=45", "--set", "debug.kill_rank=1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           TRAIN, *COMMON, *cmd_extra, "--out", "killed"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        TRAIN,
+        *COMMON,
+        *cmd_extra,
+        "--out",
+        "killed",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     out = proc.stdout + proc.stderr

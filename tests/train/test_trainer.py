@@ -1,4 +1,5 @@
 """What the trainer says at start, on rank 0 only (no process group: a stand-in comm)."""
+
 import pytest
 
 from lookahead_dist.train.config import REPO_ROOT, load_config
