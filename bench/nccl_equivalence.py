@@ -82,8 +82,8 @@ def main(argv=None) -> int:
     if "RANK" not in os.environ:
         ap.error("launch with torchrun --nproc_per_node=G (one rank per GPU)")
     from lookahead_dist.comm import Comm, destroy_process_group, init_process_group
-    from lookahead_dist.topology import load
     from lookahead_dist.testing.verify import deviations, reference_models
+    from lookahead_dist.topology import load
 
     init_process_group(args.backend)
     ok = True

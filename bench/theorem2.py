@@ -16,7 +16,6 @@ import math
 import sys
 import time
 
-
 from lookahead_dist.reference import theory as th
 
 

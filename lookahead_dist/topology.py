@@ -265,7 +265,7 @@ def _edges(ctx: _Ctx, spec: dict, path: str, n: Optional[int], why: str, push_su
         if not edges:
             raise ctx.err(epath, "no edges and no 'nodes': the number of agents is unknown", raw)
         n = 1 + max(max(i, j) for i, j, _, _ in edges)
-    for i, j, w, ends in edges:
+    for _i, _j, _w, ends in edges:
         for v, vp in ends:
             if v >= n:
                 raise ctx.err(vp, f"node index out of range 0 .. {n - 1} ({n} agents)", v)

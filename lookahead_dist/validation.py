@@ -50,8 +50,8 @@ follows one of :data:`OPTIMIZER_STATE_POLICIES`.
 from __future__ import annotations
 
 import math
-import reprlib
 import numbers
+import reprlib
 from typing import Any, Callable, Sequence
 
 from lookahead_dist.errors import ConfigError

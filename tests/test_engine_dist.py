@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lookahead_dist.reference.simulate import Reference
-from lookahead_dist.topology import load
 from lookahead_dist.testing import workers
 from lookahead_dist.testing.spawn import spawn
+from lookahead_dist.topology import load
 
 pytestmark = pytest.mark.dist
 

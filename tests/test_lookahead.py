@@ -179,7 +179,7 @@ def test_lr_schedulers_drive_the_inner_learning_rate_also_after_resume(name):
 
     def run(opt, sched, model, part, inner):
         lrs = []
-        for k, (X, Y) in enumerate(part):
+        for X, Y in part:
             opt.zero_grad()
             loss_of(model, X, Y).backward()
             opt.step()

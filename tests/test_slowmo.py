@@ -12,9 +12,9 @@ import torch.distributed as dist
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.mixing import Phase, Schedule
 from lookahead_dist.reference.simulate import Reference, SlowMomentum
-from lookahead_dist.topology import load
 from lookahead_dist.testing import workers
 from lookahead_dist.testing.spawn import spawn
+from lookahead_dist.topology import load
 
 TOL = 1e-10
 STEPS = 14

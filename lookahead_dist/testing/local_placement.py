@@ -34,8 +34,8 @@ from lookahead_dist.errors import TopologyError
 from lookahead_dist.flat import flatten_module
 from lookahead_dist.reference.problems import tiny_regression
 from lookahead_dist.reference.simulate import Reference
-from lookahead_dist.topology import Topology, from_mapping, load
 from lookahead_dist.testing.verify import SEED, flat_model, sgd
+from lookahead_dist.topology import Topology, from_mapping, load
 
 TOPOLOGIES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "topologies")
 SHIPPED = sorted(os.path.basename(p) for p in glob.glob(os.path.join(TOPOLOGIES, "*.yaml")))

@@ -178,7 +178,7 @@ def test_lookahead_matrix_form_equals_algorithm_1(opt):
     x = prob.x0.clone()
     base = make([x])
     k, slow = 0, [z.clone()]
-    for t in range(T):
+    for _t in range(T):
         x.copy_(z)  # line 2: x_{t,0} <- z_{t-1}
         for _ in range(tau):  # lines 3-5
             _, g = prob.loss_and_grad(0, k, x)

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lookahead_dist.reference import theory as th
 from lookahead_dist.errors import ConfigError
+from lookahead_dist.reference import theory as th
 
 
 def bound14_grid(alphas, gamma, L, sigma2, tau, K, f_gap):
