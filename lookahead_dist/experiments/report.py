@@ -5,6 +5,11 @@ numbers in the documentation are the numbers the runs produced:
 :func:`write_outputs` writes ``NAME.png``, ``NAME.csv`` and ``NAME.md`` beside
 ``NAME.json``; :func:`write_results_md` copies the images to ``DOCS/img`` and
 writes ``DOCS/RESULTS.md`` from every record found.
+
+Length: about 600 lines, because it holds the plot, the table and the written
+findings of each of the three experiments side by side with the helpers they
+share (column formats, the record reader); most lines are the long literal
+sentences of the findings, which ruff's formatter wraps.
 """
 
 from __future__ import annotations
