@@ -28,7 +28,9 @@ move in all, measured by an unshaped run (:func:`cpu_rate`: a ring, an
 all-reduce or a ring inside one node, whichever the configuration's traffic
 needs) just before each configuration, since it depends on the load other
 processes put on the machine (printed), and the share of it that does not
-overlap the links (:data:`CPU_SERIAL_FRACTION`, measured beforehand). Every run passes ``--no-bandwidth-check``
+overlap the links (:data:`CPU_SERIAL_FRACTION`, measured beforehand; for
+all-reduces over all ranks, a share of its own measured just before the configuration on a shaped
+all-reduce at a rate not validated, :func:`allreduce_share`). Every run passes ``--no-bandwidth-check``
 and the table shows how far the launcher's link probe was from the rate.
 
     sudo python bench/cluster.py [--reps 5] [--only ring-8x1-1gbit ...] [--quick]
@@ -63,6 +65,12 @@ INTRA_BITS = 10e9  # loopback TCP between two processes of one node on this mach
 # ring on 8 or 4 nodes shaped to 1.5 Gbit/s (not a validated configuration), in 7 runs on this machine under
 # loads of 6 to 11: 0.00, 0.09, 0.10, 0.12, 0.13, 0.17, 0.30; the median
 CPU_SERIAL_FRACTION = 0.12
+# all-reduces over more than 2 ranks wait for the slowest process at each of their 2 (p - 1) ring steps, and
+# how much that costs depends on the load at the moment (read off two runs of the same configurations: 0.41
+# and 0.55 at a load of 6 to 11, 0.0 to 0.1 at a load of 1), so their share is measured just before each
+# such configuration on a shaped all-reduce at a rate that is not validated (allreduce_share); the 2-rank
+# all-reduces of one-peer exponential keep CPU_SERIAL_FRACTION
+SHARE_RATES = {8: "1500mbit", 4: "2gbit"}
 
 
 @dataclass(frozen=True)
@@ -237,6 +245,39 @@ def predict(cfg: Config, ranks: list[dict], links: Links) -> tuple[list[float], 
     return [p.time_s for p in cost.phases], cost.mix_s, cost.cpu_limited
 
 
+def links_for(cfg: Config, cpu: dict) -> Links:
+    """The emulated cluster's links for ``cfg`` with the CPU rates and overlap shares in ``cpu``."""
+    from lookahead_dist.cluster import parse_rate
+
+    return Links(
+        parse_rate(cfg.rate),
+        latency_s=0.0,
+        intra_bandwidth_bits=INTRA_BITS,
+        cpu_bytes_per_s=cpu["x"],
+        cpu_allreduce_bytes_per_s=cpu["ar"],
+        cpu_intra_bytes_per_s=cpu["intra"],
+        cpu_serial_fraction=cpu["s"],
+        cpu_allreduce_serial_fraction=cpu.get("s_ar"),
+        allreduce="ring",
+    )
+
+
+def allreduce_share(nodes: int, reps: int, log, cpu: dict) -> float:
+    """The all-reduce overlap share s, measured: a complete topology (one all-reduce) on ``nodes`` nodes shaped
+    to SHARE_RATES[nodes]; the model is linear in s, so s = (measured - pred(s=0)) / (pred(1) - pred(0)),
+    clipped to [0, 1]."""
+    cfg = Config("complete", nodes, 1, SHARE_RATES[nodes])
+    ranks = _run(cfg, reps, log)
+    if ranks is None:
+        raise SystemExit(f"calibration run {cfg.name} failed")
+    step = measured(ranks)[0]
+    lo = predict(cfg, ranks, links_for(cfg, {**cpu, "s_ar": 0.0}))[1]
+    hi = predict(cfg, ranks, links_for(cfg, {**cpu, "s_ar": 1.0}))[1]
+    share = min(1.0, max(0.0, (step - lo) / (hi - lo))) if hi > lo else cpu["s"]
+    log(f"calibration {cfg.name}: measured {step:.4f} s, {lo:.4f} s at s = 0, {hi:.4f} s at s = 1: s = {share:.2f}")
+    return share
+
+
 CPU_RUNS = {
     "x": lambda nodes: Config("ring", nodes, 1, "100gbit"),
     "ar": lambda nodes: Config("complete", nodes, 1, "100gbit"),
@@ -302,22 +343,11 @@ def _run(cfg: Config, reps: int, log, info: dict | None = None):
 
 
 def run_config(cfg: Config, reps: int, log, cpu: dict) -> dict:
-    from lookahead_dist.cluster import parse_rate
-
     t0, info = time.monotonic(), {}
     ranks = _run(cfg, reps, log, info)
     if ranks is None:
         return {"config": cfg, "probe": info.get("probe", math.nan)}
-    links = Links(
-        parse_rate(cfg.rate),
-        latency_s=0.0,
-        intra_bandwidth_bits=INTRA_BITS,
-        cpu_bytes_per_s=cpu["x"],
-        cpu_allreduce_bytes_per_s=cpu["ar"],
-        cpu_intra_bytes_per_s=cpu["intra"],
-        cpu_serial_fraction=cpu["s"],
-        allreduce="ring",
-    )
+    links = links_for(cfg, cpu)
     phases = measured(ranks)
     t = topology(cfg.family, cfg.nodes, cfg.per_node)
     repeats = [1] if cfg.family == "ddp" else [ph.repeat for ph in t.schedule.phases]
@@ -394,8 +424,11 @@ def main(argv=None) -> int:
         measured_rate = cpu[NEEDS[cfg.family][0]]
         for key in ("x", "ar", "intra"):
             cpu.setdefault(key, measured_rate)  # not used by this configuration's traffic
+        if cfg.family in ("complete", "ddp"):  # all-reduces over all ranks
+            cpu["s_ar"] = allreduce_share(cfg.nodes, reps, log, cpu)
         r = run_config(cfg, reps, log, cpu)
         r["cpu_rates"] = {k: cpu[k] for k in NEEDS[cfg.family]}
+        r["s_ar"] = cpu.get("s_ar")
         rows.append(r)
         if "measured" in r:
             log(
@@ -409,6 +442,9 @@ def main(argv=None) -> int:
         rates = ", ".join(f"{names[k]} {v * 8 / 1e9:.2f}" for k, v in r.get("cpu_rates", {}).items())
         print(f"  {r['config'].name}: {rates}")
     print(f"overlap share s = {CPU_SERIAL_FRACTION} (CPU_SERIAL_FRACTION, measured beforehand)")
+    shares = ", ".join(f"{r['config'].name} {r['s_ar']:.2f}" for r in rows if r.get("s_ar") is not None)
+    if shares:
+        print(f"all-reduce overlap share, measured shaped just before each configuration: {shares}")
     print("probe: the launcher's measurement of the link from node 0 to node 1, against rate x 1448/1514")
     print(f"load average before (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)}")
     print(

@@ -51,8 +51,13 @@ numbered node by node: rank r lives on node r // ranks_per_node):
   completely (copies into and out of the sockets at a message's start and end,
   and tokens the shaper loses while the cores are busy elsewhere), so a phase
   takes max(T_link, T_cpu) + s x min(T_link, T_cpu), s =
-  ``cpu_serial_fraction``. All three are measured (the bench times an unshaped
-  ring, an unshaped all-reduce and a shaped ring); None (the default) means a
+  ``cpu_serial_fraction``. An all-reduce has a share of its own,
+  ``cpu_allreduce_serial_fraction`` (None: the same): a ring all-reduce runs
+  2 (p - 1) steps that each wait for the slowest process, so its link and CPU
+  costs serialize more than the flows of an exchange, each at its own pace. A
+  phase with both kinds of traffic uses the two shares weighted by their CPU
+  times. The rates are measured (the bench times an unshaped
+  ring, an unshaped all-reduce), and so is the exchange share (a shaped ring); None (the default) means a
   real cluster, where each node's own CPUs drive its NIC.
 * **Combine.** The weighted sum after an exchange reads every source and the
   receiver's own buffer and writes it; after an all-reduce the weighted input
@@ -133,6 +138,7 @@ class Links:
     cpu_allreduce_bytes_per_s: float | None = None  # None: cpu_bytes_per_s
     cpu_intra_bytes_per_s: float | None = None  # None: cpu_bytes_per_s
     cpu_serial_fraction: float = 0.0  # the share of the smaller of the link and CPU terms that adds to the larger
+    cpu_allreduce_serial_fraction: float | None = None  # the same for all-reduce traffic; None: cpu_serial_fraction
     memory_bytes_per_s: float = 20e9
     wire_fraction: float = WIRE_FRACTION
     allreduce: str = "auto"
@@ -150,8 +156,10 @@ class Links:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and v > 0):
                 raise ConfigError(f"Links.{name}: must be positive or None, got {v!r}")
-        if not 0 <= self.cpu_serial_fraction <= 1:
-            raise ConfigError(f"Links.cpu_serial_fraction: must be in [0, 1], got {self.cpu_serial_fraction!r}")
+        for name in ("cpu_serial_fraction", "cpu_allreduce_serial_fraction"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0 <= v <= 1):
+                raise ConfigError(f"Links.{name}: must be in [0, 1], got {v!r}")
         if self.wire_fraction > 1:
             raise ConfigError(f"Links.wire_fraction: must be in (0, 1], got {self.wire_fraction!r}")
         if self.allreduce not in ALGORITHMS:
@@ -356,15 +364,19 @@ def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: in
         combine[t.rank] = t.combine_bytes / links.memory_bytes_per_s
     cpu_limited = False
     if links.cpu_bytes_per_s is not None and (total_bytes or ar_bytes or intra_bytes):
+        cpu_ar = ar_bytes / (links.cpu_allreduce_bytes_per_s or links.cpu_bytes_per_s)
         cpu_s = (
             total_bytes / links.cpu_bytes_per_s
-            + ar_bytes / (links.cpu_allreduce_bytes_per_s or links.cpu_bytes_per_s)
+            + cpu_ar
             + intra_bytes / (links.cpu_intra_bytes_per_s or links.cpu_bytes_per_s)
         )
+        s_ar = links.cpu_allreduce_serial_fraction
+        s_ar = links.cpu_serial_fraction if s_ar is None else s_ar
+        share = links.cpu_serial_fraction + (s_ar - links.cpu_serial_fraction) * cpu_ar / cpu_s
         active = comm > 0
         cpu_limited = bool(np.any(comm[active] < cpu_s))
         big, small = np.maximum(comm[active], cpu_s), np.minimum(comm[active], cpu_s)
-        comm[active] = big + links.cpu_serial_fraction * small
+        comm[active] = big + share * small
     return PhaseCost(comm, combine, sent, egress, cpu_limited)
 
 

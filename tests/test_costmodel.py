@@ -147,6 +147,20 @@ def test_cpu_term_takes_over_when_the_cores_are_the_limit():
     assert intra.cpu_limited and intra.comm_s == pytest.approx(1.1, rel=1e-12)
 
 
+def test_allreduce_has_its_own_overlap_share():
+    # all-reduce over 8: 70 MB per NIC = 0.5855 s on the links, 560 MB at 1 GB/s = 0.56 s on the cores;
+    # with shares 0.1 for exchanges and 0.5 for all-reduces, 0.5855 + 0.5 x 0.56
+    links = Links(GBIT, cpu_bytes_per_s=1e9, cpu_serial_fraction=0.1, cpu_allreduce_serial_fraction=0.5, **BARE)
+    ar = cost(complete(8), 8, 1, links)
+    assert not ar.cpu_limited and ar.comm_s == pytest.approx(70e6 / B + 0.28, rel=1e-12)
+    # an exchange keeps the exchange share: ring of 8, 640 MB at 1 GB/s beside 0.669 s on the links
+    x = cost(ring(8), 8, 1, links)
+    assert x.comm_s == pytest.approx(80e6 / B + 0.1 * 0.64, rel=1e-12)
+    # None: the exchange share for both
+    same = cost(complete(8), 8, 1, Links(GBIT, cpu_bytes_per_s=1e9, cpu_serial_fraction=0.1, **BARE))
+    assert same.comm_s == pytest.approx(70e6 / B + 0.056, rel=1e-12)
+
+
 def test_combine_bytes_and_time():
     # ring: receiver reads itself and 2 received buffers and writes itself: (3 + 1) x 40 MB at 16 GB/s = 10 ms
     plan = compile_plan(ring(8), tuple(range(8)), 0)
@@ -201,6 +215,8 @@ def test_bad_input_names_the_argument():
         Links(GBIT, allreduce="tree")
     with pytest.raises(ConfigError, match="cpu_serial_fraction"):
         Links(GBIT, cpu_serial_fraction=1.5)
+    with pytest.raises(ConfigError, match="cpu_allreduce_serial_fraction"):
+        Links(GBIT, cpu_allreduce_serial_fraction=-0.1)
     with pytest.raises(ConfigError, match="eps"):
         steps_to_consensus(0.5, 2.0)
     with pytest.raises(ConfigError, match="ranks_per_node"):
