@@ -112,6 +112,21 @@ def test_transfer_across_the_link_takes_bytes_over_the_usable_rate(checks):
     assert abs(r2["one_way"] / predicted - 1) <= 0.20, (r2["one_way"], predicted)
 
 
+def test_cost_model_predicts_the_transfer_to_20_percent(checks):
+    # the same transfer as a mixing step: agent 2 (node 1) takes half of agent 0 (node 0), nothing else moves
+    import numpy as np
+
+    from lookahead_dist.costmodel import Links, schedule_cost
+    from lookahead_dist.mixing import Schedule
+
+    P = np.eye(4)
+    P[:, 2] = [0.5, 0.0, 0.5, 0.0]
+    r2 = checks["ranks"][2]
+    cost = schedule_cost(Schedule.static(P), (0, 1, 2, 3), r2["bytes"], Links(bandwidth_bits=RATE), ranks_per_node=2)
+    assert cost.bytes_per_rank == r2["bytes"]
+    assert abs(r2["one_way"] / cost.comm_s - 1) <= 0.20, (r2["one_way"], cost.comm_s)
+
+
 def test_ranks_of_one_node_talk_unshaped(checks):
     # through the node's own address: delivered over lo, so far faster than the 1 Gbit/s link
     assert checks["ranks"][1]["intra"] < 0.5 * checks["ranks"][2]["one_way"], checks["ranks"][1:3]
