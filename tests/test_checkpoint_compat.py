@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lookahead_dist import comm
+from lookahead_dist.testing import local_placement
 
 DATA = Path(__file__).resolve().parent / "_data"
 K = 7  # steps after the checkpoint: crosses two more syncs (tau = 3)
@@ -24,11 +24,8 @@ _spec.loader.exec_module(fixtures)
 
 @pytest.fixture(scope="module")
 def one_rank_group():
-    if comm.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    comm.init_single_process_group("gloo")
-    yield
-    comm.destroy_process_group()
+    with local_placement.one_rank_group("gloo"):
+        yield
 
 
 def _close(opt):

@@ -1,18 +1,17 @@
 """SlowMo on spawned gloo ranks against the float64 reference engine and its reductions."""
 
 import copy
-import datetime
 import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.mixing import Phase, Schedule
 from lookahead_dist.reference.simulate import Reference, SlowMomentum
 from lookahead_dist.testing import workers
+from lookahead_dist.testing.local_placement import one_rank_group
 from lookahead_dist.testing.spawn import spawn
 from lookahead_dist.topology import load
 
@@ -180,10 +179,8 @@ def test_lr_differing_across_workers_is_an_error():
 
 @pytest.fixture()
 def single_rank_group():
-    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, wait_for_workers=False)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
-    yield
-    dist.destroy_process_group()
+    with one_rank_group("gloo"):
+        yield
 
 
 def test_one_worker_beta_zero_is_lookahead(single_rank_group):

@@ -19,15 +19,14 @@ numerator x = z w, then the numerators and weights are mixed.
 from __future__ import annotations
 
 import copy
-import datetime
 import glob
 import os
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 import yaml
 
+from lookahead_dist import comm as comm_mod
 from lookahead_dist.comm import Comm
 from lookahead_dist.engine import MixingEngine
 from lookahead_dist.errors import TopologyError
@@ -46,17 +45,17 @@ DEFAULT_AGENTS = 4  # for files whose generator takes its size from the world si
 
 @contextmanager
 def one_rank_group(backend: str):
-    """A process group of world size 1 in this process (a TCPStore on a free port), destroyed on exit."""
-    if dist.is_initialized():
+    """A process group of world size 1 in this process (:func:`lookahead_dist.comm.init_single_process_group`),
+    destroyed on exit; an error, not a silent reuse, when a group already exists."""
+    if comm_mod.is_initialized():
         raise RuntimeError("a process group is already initialised in this process")
     if backend == "nccl":
         torch.cuda.set_device(0)
-    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=60))
-    dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+    comm_mod.init_single_process_group(backend, timeout_s=60.0)
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        comm_mod.destroy_process_group()
 
 
 def all_on_one_rank(name: str) -> Topology:
