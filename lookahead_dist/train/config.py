@@ -75,7 +75,7 @@ __all__ = [
 #: The directory above the package: where ``topologies/`` and ``launch/`` live in a source checkout.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-MODELS = ("digits_cnn", "resnet34", "resnet50")
+MODELS = ("digits_cnn", "digits_mlp", "resnet34", "resnet50")
 DATASETS = ("digits", "cifar10", "imagenet")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
