@@ -1,7 +1,8 @@
-"""Single-process float64 reference engine: X_{k+1} = (X_k - G_k) P_k (paper eq. 4).
+"""Single-process float64 reference engine: X_{k+1} = (X_k - G_k) P_k (paper eq. 4), or X_k P_k - G_k.
 
-Length: about 520 lines, kept whole on purpose: this is the oracle every distributed run is checked
-against, and its six stages of a step read top to bottom in one file, beside the argument checks.
+Length: about 640 lines, kept whole on purpose: this is the oracle every distributed run is checked
+against, and its stages of a step, in both orders and with the overlapped slow step, read top to
+bottom in one file, beside the argument checks.
 
 Every distributed algorithm of the library is checked against this module, so it
 is written to be plain rather than fast (a vectorized path exists for scale and
@@ -17,7 +18,7 @@ push-sum (row-stochastic) schedule each agent also carries a weight w (w_0 = 1),
 mixed the same way, w_{k+1} = P_k^T w_k, and its model is the de-biased
 z_i = x_i / w_i.
 
-**One step k**
+**One step k** (``order="adapt_then_combine"``, the default: adapt, then combine)
 
 1. every fast agent i evaluates its stochastic gradient at its model (z_i for
    push-sum, x_i otherwise) on its own data/noise of step k;
@@ -38,8 +39,46 @@ z_i = x_i / w_i.
    floating state tensor shaped like the parameter is replaced by its mean over
    the fast agents; step counters and scalars are kept).
 
-If every P_k has the invariant vector a (P_k a = a), y_k = X_k a obeys
-y_{k+1} = y_k - G_k a (paper eq. 8); :class:`Trace` records y_k.
+**Combine-then-adapt** (``order="combine_then_adapt"``): X_{k+1} = X_k P_k - G_k,
+the order that overlapped communication computes (the exchange of x_k runs while
+the gradient at x_k is computed). Stages 1-2 are as above, at the de-biased
+model Z_k of the start of the step; then the mixing (stage 4) comes first,
+Xr <- P_k^T Xr and w <- P_k^T w, and the base step (stage 3) second: each fast
+agent's optimizer steps its *mixed* row with the gradient taken at Z_k, so weight
+decay and every other term that reads the parameter see the combined point. For
+push-sum the update is subtracted from the combined numerator and the model is
+de-biased afterwards (x / w with the mixed w). Row i of Gr_k is the mixed x_i
+before the base step minus x_i after it. Stages 5-6 follow at the end of the
+step, unchanged. With identity mixing both orders are the same computation.
+
+In either order, if every P_k has the invariant vector a (P_k a = a), y_k = X_k a
+obeys y_{k+1} = y_k - G_k a (paper eq. 8); :class:`Trace` records y_k.
+
+**Overlapped slow step** (``overlap_slow=True``, with ``slow_momentum``): the
+slow step's all-reduce runs while one more base step is taken, and its result is
+applied with a delay correction. At the end of step k, in either order:
+
+- if a sync is pending (started at the end of step k - 1), it is applied: x_bar
+  is the exact average of the fast agents in the copy sent (push-sum: sum of
+  the sent numerators / sum of the sent weights), u <- beta u + (z - x_bar) /
+  gamma_p, z <- z - alpha gamma_p u, with gamma_p the ``lr`` saved with the
+  sync (that of the window which ended when it started; step k already began
+  a new window); then every agent's de-biased model z_i <- z + (z_i now - z_i
+  sent), the numerators <- those models and the push-sum weights <- 1; then
+  stage 6 as at a slow step;
+- then, if ``(k + 1) % tau == 0``, a sync starts instead of stage 5: a copy of
+  the numerators, the weights and gamma is kept (:attr:`Reference.pending_slow`);
+  the agents keep their values.
+
+The first slow step therefore takes effect at the end of step tau, one step
+late; with tau = 1 each step end applies one sync and starts the next.
+This is Streaming DiLoCo's overlapped outer sync (Douillard et al. 2025,
+"Streaming DiLoCo with overlapping communication") with a delay of exactly
+one base step: there the outer gradient is sent, inner steps go on for
+tau_overlap steps, and the received outer update is merged as a mix of the
+local and the global parameters; here the merge keeps the full local progress
+made during the sync, x <- z_new + (x_now - x_sent), i.e. their merge with
+weight 1 on the local delta.
 
 Example (Lookahead with SGD on a quadratic)::
 
@@ -75,11 +114,12 @@ from lookahead_dist.validation import (
     check_tau,
 )
 
-__all__ = ["SlowMomentum", "Trace", "Reference", "simulate", "ROLES", "BUFFERS", "GRAD_MIXING"]
+__all__ = ["SlowMomentum", "PendingSlow", "Trace", "Reference", "simulate", "ROLES", "BUFFERS", "GRAD_MIXING", "ORDERS"]
 
 ROLES = ("fast", "slow")
 BUFFERS = OPTIMIZER_STATE_POLICIES  # the former name of the optimizer-state policies
 GRAD_MIXING = (None, "average")
+ORDERS = ("adapt_then_combine", "combine_then_adapt")
 SPARSE_DENSITY = 0.1  # phases with fewer non-zeros than this fraction of n^2 mix with a sparse matmul
 _ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
@@ -104,6 +144,21 @@ class SlowMomentum:
         check_slow_alpha(self.alpha, "slow_momentum.alpha", max_alpha=self.max_alpha)
         check_beta(self.beta, "slow_momentum.beta")
         check_tau(self.tau, "slow_momentum.tau")
+
+
+@dataclass
+class PendingSlow:
+    """An overlapped slow step in flight (see ``overlap_slow``): what was sent at the end of step ``step``.
+
+    ``numerators`` (n, d) and ``weights`` ((n,), or None without push-sum) are the
+    agents as sent; ``gamma`` is the fast ``lr`` of the window that ended there.
+    It is applied at the end of step ``step + 1``.
+    """
+
+    step: int
+    numerators: Tensor
+    weights: Optional[Tensor]
+    gamma: float
 
 
 @dataclass
@@ -152,7 +207,10 @@ class Reference:
     ``buffers``, still accepted with a DeprecationWarning),
     ``grad_mixing`` (None or ``"average"``), ``dtype``, ``record_every`` /
     ``record_steps`` (which steps :meth:`run` snapshots), ``invariant`` (the vector a
-    for y_k; default the schedule's, or 1/n when it has none) and ``vectorized``.
+    for y_k; default the schedule's, or 1/n when it has none), ``vectorized``, ``order``
+    (``"adapt_then_combine"``, the default, or ``"combine_then_adapt"``) and ``overlap_slow``
+    (apply each slow-momentum step one base step late, with the delay correction; needs
+    ``slow_momentum``). The module docstring says what each does.
 
     ``vectorized`` (``"auto"``, True, False): one optimizer over the whole (n, d)
     tensor (slow rows get zero gradient and are restored after the step) and a
@@ -184,6 +242,8 @@ class Reference:
         invariant=None,
         vectorized="auto",
         buffers: Optional[str] = None,
+        order: str = "adapt_then_combine",
+        overlap_slow: bool = False,
     ):
         if buffers is not None:
             warnings.warn(
@@ -212,6 +272,12 @@ class Reference:
         check_optimizer_state(optimizer_state)
         if grad_mixing not in GRAD_MIXING:
             raise ConfigError(f"grad_mixing: must be None or 'average', got {grad_mixing!r}")
+        if not isinstance(order, str) or order not in ORDERS:
+            raise ConfigError(f"order: must be 'adapt_then_combine' or 'combine_then_adapt', got {order!r}")
+        if not isinstance(overlap_slow, bool):
+            raise ConfigError(f"overlap_slow: must be True or False, got {overlap_slow!r}")
+        if overlap_slow and slow_momentum is None:
+            raise ConfigError("overlap_slow: True needs slow_momentum (there is no slow step to overlap)")
         if vectorized not in ("auto", True, False):
             raise ConfigError(f"vectorized: must be 'auto', True or False, got {vectorized!r}")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -242,6 +308,8 @@ class Reference:
         self.objective, self.slow_momentum = objective, slow_momentum
         self.optimizer_state_policy, self.grad_mixing = optimizer_state, grad_mixing
         self.record_every, self.record_steps = record_every, steps_set
+        self.order, self.overlap_slow = order, overlap_slow
+        self._pending: Optional[PendingSlow] = None
         self.push_sum = schedule.push_sum
         self.fast = [i for i, r in enumerate(roles) if r == "fast"]
         self.slow = [i for i, r in enumerate(roles) if r == "slow"]
@@ -368,6 +436,15 @@ class Reference:
         return None if self._z is None else self._z.clone()
 
     @property
+    def pending_slow(self) -> Optional[PendingSlow]:
+        """The overlapped slow step in flight (a copy), or None (always None unless ``overlap_slow``)."""
+        p = self._pending
+        if p is None:
+            return None
+        w = None if p.weights is None else p.weights.clone()
+        return PendingSlow(p.step, p.numerators.clone(), w, p.gamma)
+
+    @property
     def optimizers(self) -> List[torch.optim.Optimizer]:
         """One optimizer per fast agent (in agent order), or the single (n, d) optimizer when vectorized."""
         return list(self._opts)
@@ -391,9 +468,10 @@ class Reference:
 
     # -- one step ----------------------------------------------------------------------
     def step(self) -> None:
-        """Advance one step k -> k + 1 (stages 1-6 of the module docstring)."""
+        """Advance one step k -> k + 1 (the stages of the module docstring, in ``order``)."""
         k, sm = self._k, self.slow_momentum
         mixer, mixes_roles = self._phases[self.schedule.phase_index(k)]
+        combine_first = self.order == "combine_then_adapt"
         if sm is not None and k % sm.tau == 0:
             self._gamma = self._lr()
             if not self._gamma > 0.0:
@@ -401,7 +479,8 @@ class Reference:
                     f"slow_momentum: needs a positive fast learning rate, got lr={self._gamma!r} at step {k}"
                 )
         with torch.no_grad():
-            self._update.copy_(self._x)  # x before the base step; minus x after it below
+            if not combine_first:
+                self._update.copy_(self._x)  # x before the base step; minus x after it below
             loss, grads = self._gradients(k, self._debiased())
             self._last_loss = torch.full((self.n,), math.nan, dtype=torch.float64)
             self._last_gnorm = torch.full((self.n,), math.nan, dtype=torch.float64)
@@ -409,15 +488,26 @@ class Reference:
             self._last_gnorm[self.fast] = torch.linalg.vector_norm(grads, dim=1).to(torch.float64)
             if self.grad_mixing == "average":
                 grads = grads.mean(dim=0, keepdim=True).expand_as(grads).clone()
+            if combine_first:
+                if mixer is not None:
+                    self._mix(mixer)  # the gradients were taken at the point before this combine
+                self._update.copy_(self._x)  # the combined x before the base step
             if self.vectorized:
                 self._base_step_vectorized(grads)
             else:
                 self._base_step_per_agent(grads)
             self._update.sub_(self._x)
-            if mixer is not None:
+            if mixer is not None and not combine_first:
                 self._mix(mixer)
             slow_step = mixes_roles
-            if sm is not None and (k + 1) % sm.tau == 0:
+            if sm is not None and self.overlap_slow:
+                if self._pending is not None:
+                    self._apply_pending_slow()
+                    slow_step = True
+                if (k + 1) % sm.tau == 0:
+                    w = None if self._w is None else self._w.clone()
+                    self._pending = PendingSlow(k, self._x.clone(), w, self._gamma)
+            elif sm is not None and (k + 1) % sm.tau == 0:
                 self._slow_momentum_step()
                 slow_step = True
             if slow_step:
@@ -467,15 +557,29 @@ class Reference:
         if self.push_sum:
             self._w = torch.mm(mixer, self._w.unsqueeze(1)).squeeze(1)
 
-    def _slow_momentum_step(self) -> None:
-        sm, gamma = self.slow_momentum, self._gamma
+    def _outer_step(self, x: Tensor, w: Optional[Tensor], gamma: float) -> None:
+        """u <- beta u + (z - x_bar) / gamma;  z <- z - alpha gamma u, x_bar the fast agents' exact average in x."""
+        sm = self.slow_momentum
         if self.push_sum:
-            x_bar = self._x[self.fast].sum(dim=0) / self._w[self.fast].sum()
+            x_bar = x[self.fast].sum(dim=0) / w[self.fast].sum()
         else:
-            x_bar = self._x[self.fast].mean(dim=0)
+            x_bar = x[self.fast].mean(dim=0)
         self._u = sm.beta * self._u + (self._z - x_bar) / gamma
         self._z = self._z - sm.alpha * gamma * self._u
+
+    def _slow_momentum_step(self) -> None:
+        self._outer_step(self._x, self._w, self._gamma)
         self._x.copy_(self._z.expand_as(self._x))
+        if self.push_sum:
+            self._w = torch.ones_like(self._w)
+
+    def _apply_pending_slow(self) -> None:
+        """The overlapped slow step: z from what was sent; every agent <- z + (its model now - its model sent)."""
+        sent, self._pending = self._pending, None
+        self._outer_step(sent.numerators, sent.weights, sent.gamma)
+        z_sent = sent.numerators / sent.weights.unsqueeze(1) if self.push_sum else sent.numerators
+        delta = self._debiased() - z_sent  # the local progress made while the sync was in flight
+        self._x.copy_(self._z + delta)  # in place: the vectorized optimizer holds this tensor
         if self.push_sum:
             self._w = torch.ones_like(self._w)
 
