@@ -37,6 +37,8 @@ from lookahead_dist.errors import CommError
 
 __all__ = [
     "Comm",
+    "Pending",
+    "drain_in_flight",
     "init_process_group",
     "destroy_process_group",
     "default_backend",
@@ -158,7 +160,8 @@ def world_size() -> int:
 
 
 def destroy_process_group() -> None:
-    """Stop every heartbeat of this process, then destroy every process group."""
+    """Wait for in-flight communication, stop every heartbeat of this process, then destroy every process group."""
+    drain_in_flight()
     stop_heartbeats()
     if is_initialized():
         dist.destroy_process_group()
@@ -209,7 +212,65 @@ def stop_heartbeats(timeout: float = 5.0) -> None:
         _stop_heartbeat(hb, max(0.0, deadline - time.monotonic()))
 
 
+class Pending:
+    """Communication in flight: the work handles of non-blocking collectives or point-to-point operations.
+
+    :meth:`wait` blocks until every operation is done (on NCCL: until the current CUDA
+    stream waits for them) and turns a backend failure into a :class:`CommError`
+    that names the lost peer, as the blocking primitives do. It is idempotent.
+    Until it has run, the tensors being sent must not change and the tensors being
+    received must not be read.
+    """
+
+    def __init__(self, comm: Comm, works: list, what: str, peers: Sequence[int] | None):
+        self.comm, self.what, self.peers = comm, what, list(peers) if peers is not None else None
+        self._works = list(works)
+        if self._works:
+            _IN_FLIGHT.add(self)
+
+    @property
+    def done(self) -> bool:
+        return not self._works
+
+    @classmethod
+    def merge(cls, comm: Comm, what: str, peers: Sequence[int] | None, parts: Sequence[Pending]) -> Pending:
+        """One handle for the operations of ``parts`` (which are left empty)."""
+        works = []
+        for part in parts:
+            works += part._works
+            part._works = []
+            _IN_FLIGHT.discard(part)
+        return cls(comm, works, what, peers)
+
+    def wait(self) -> None:
+        works, self._works = self._works, []
+        _IN_FLIGHT.discard(self)
+        if works:
+            with self.comm.guard(self.what, self.peers):
+                for w in works:
+                    w.wait()
+
+
+# Every Pending of this process whose operations have not been waited for.
+_IN_FLIGHT: weakref.WeakSet[Pending] = weakref.WeakSet()
+
+
+def drain_in_flight(comm: Comm | None = None) -> None:
+    """Wait for every operation still in flight in this process (of ``comm`` only, if given).
+
+    Runs before a group is destroyed and at exit. A failure is swallowed here:
+    teardown goes on, and the step that would have read the result is never taken.
+    """
+    for pending in list(_IN_FLIGHT):
+        if comm is None or pending.comm is comm:
+            try:
+                pending.wait()
+            except Exception:
+                pass
+
+
 def _at_exit() -> None:
+    drain_in_flight()
     stop_heartbeats()
     release_destroyed_groups()
 
@@ -234,7 +295,7 @@ class Comm:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.backend = dist.get_backend()
-        self._groups: dict[tuple[int, ...], Any] = {}
+        self._groups: dict[tuple[tuple[int, ...], str], Any] = {}
         self._hb = None
         self._hb_interval = heartbeat
         self._store = None
@@ -251,7 +312,9 @@ class Comm:
                 self._hb_finalizer = weakref.finalize(self, _Heartbeat.stop, self._hb)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop this Comm's heartbeat and wait (up to ``timeout`` seconds) until its thread ends. Idempotent."""
+        """Wait for this Comm's in-flight communication, then stop its heartbeat and wait (up to ``timeout``
+        seconds) until its thread ends. Idempotent."""
+        drain_in_flight(self)
         if self._hb is not None:
             hb, self._hb = self._hb, None
             self._hb_finalizer.detach()
@@ -264,17 +327,21 @@ class Comm:
         self.close()
 
     # -- groups -----------------------------------------------------------------
-    def group(self, ranks: Sequence[int]):
-        """The process group over ``ranks`` (None = the whole world).
+    def group(self, ranks: Sequence[int], channel: str = ""):
+        """The process group over ``ranks`` (None = the whole world's default group).
 
-        Must be called by every rank, for the same rank sets in the same order.
+        ``channel`` names a group of its own over the same ranks (the whole world
+        included), so that its collectives are not queued behind another
+        channel's: SlowMo's overlapped slow step all-reduces on ``"slow"`` while
+        the gossip runs on the default channel. Must be called by every rank, for
+        the same rank sets and channels in the same order.
         """
         key = tuple(sorted(int(r) for r in ranks))
-        if key == tuple(range(self.world_size)):
+        if key == tuple(range(self.world_size)) and not channel:
             return None
-        if key not in self._groups:
-            self._groups[key] = dist.new_group(list(key))
-        return self._groups[key]
+        if (key, channel) not in self._groups:
+            self._groups[(key, channel)] = dist.new_group(list(key))
+        return self._groups[(key, channel)]
 
     # -- failure translation ----------------------------------------------------
     def _counters(self) -> dict[int, int]:
@@ -325,6 +392,13 @@ class Comm:
         with self.guard(f"all-reduce over ranks {list(ranks)}", ranks):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group(ranks))
 
+    def start_all_reduce_sum(self, tensor: torch.Tensor, ranks: Sequence[int], channel: str = "") -> Pending:
+        """Start an all-reduce SUM of ``tensor`` in place over ``ranks``; the result is there after ``wait()``."""
+        what = f"all-reduce over ranks {list(ranks)}"
+        with self.guard(what, ranks):
+            work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group(ranks, channel), async_op=True)
+        return Pending(self, [work], what, ranks)
+
     def exchange(
         self,
         sends: Sequence[tuple[int, torch.Tensor]],
@@ -337,14 +411,23 @@ class Comm:
         and the two directions of an exchange then run one after the other
         instead of at once (twice the time on a link that is the bottleneck).
         """
+        self.start_exchange(sends, recvs).wait()
+
+    def start_exchange(
+        self,
+        sends: Sequence[tuple[int, torch.Tensor]],
+        recvs: Sequence[tuple[int, torch.Tensor]],
+    ) -> Pending:
+        """Post every receive, then every send (see :meth:`exchange`), and return without waiting."""
         ops = [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
         ops += [dist.P2POp(dist.isend, t, peer) for peer, t in sends]
-        if not ops:
-            return
         peers = sorted({p for p, _ in sends} | {p for p, _ in recvs})
-        with self.guard(f"neighbour exchange with ranks {peers}", peers):
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+        what = f"neighbour exchange with ranks {peers}"
+        if not ops:
+            return Pending(self, [], what, peers)
+        with self.guard(what, peers):
+            works = dist.batch_isend_irecv(ops)
+        return Pending(self, works, what, peers)
 
     def reduce_scatter_sum(self, out: torch.Tensor, full: torch.Tensor) -> None:
         """out <- rank r's chunk of the SUM over ranks of ``full`` (``full`` = world_size chunks of out's size)."""

@@ -11,6 +11,14 @@ distinct phase by :func:`lookahead_dist.plan.compile_plan`) and runs it:
 * any other pattern: one batched exchange of flat buffers with the peers, then
   x_j <- w_jj x_j + sum_i w_ij recv_i, one pass per received buffer.
 
+Overlapped mixing splits :meth:`MixingEngine.mix` in two: :meth:`MixingEngine.start`
+posts the step's all-reduces and exchange without waiting, reading every agent
+from a caller's snapshot (buffers nothing else writes while they are in
+flight), and :meth:`MixingEngine.finish` waits and writes x_j <- sum_i w_ij
+snapshot_i into the agents, with the same arithmetic in the same order as
+:meth:`MixingEngine.mix`, so an overlapped mix of the same values is bitwise the
+blocking one.
+
 Push-sum schedules need no special path: the push-sum weight is carried as one
 trailing element of an agent's first buffer, so it is mixed by the same
 arithmetic and travels in the same message.
@@ -22,15 +30,17 @@ evaluation model all use.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from lookahead_dist.comm import Comm
+from lookahead_dist.comm import Comm, Pending
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.flat import without_weight
 from lookahead_dist.mixing import Schedule
 from lookahead_dist.plan import Plan, compile_plan, group_rank_sets
 
-__all__ = ["MixingEngine", "exact_average_"]
+__all__ = ["MixingEngine", "MixInFlight", "exact_average_", "start_exact_average", "AverageInFlight"]
 
 
 @torch.no_grad()
@@ -67,17 +77,14 @@ def exact_average_(
     Returns the sum of the weights. The arithmetic is the same whatever the
     caller: the product and the quotient in each buffer's own dtype, the
     quotient by a tensor holding the summed slot (``weight_slot``) or by the
-    Python float sum.
+    Python float sum. :func:`start_exact_average` is the same average, started
+    without waiting.
     """
     assert not (weight_slot and shard_out is not None), "the weight slot is not sharded"
     ranks = list(range(comm.world_size)) if ranks is None else list(ranks)
     weight = float(weight)
-    if weight != 1.0:
-        for v in without_weight(buffers, weight_slot):
-            v.mul_(weight)
-    if weight_slot:
-        buffers[0][-1] = weight
-    elif weight_sum is None:
+    _to_numerators(buffers, weight, weight_slot)
+    if not weight_slot and weight_sum is None:
         total = torch.tensor([weight], dtype=torch.float64, device=comm.device_for_collectives())
         comm.all_reduce_sum(total, ranks)
         weight_sum = float(total)
@@ -88,6 +95,18 @@ def exact_average_(
             sums[0] = shard_out
         else:
             comm.all_reduce_sum(b, ranks)
+    return _divide(sums, buffers, weight_slot, weight_sum)
+
+
+def _to_numerators(buffers: list[torch.Tensor], weight: float, weight_slot: bool) -> None:
+    if weight != 1.0:
+        for v in without_weight(buffers, weight_slot):
+            v.mul_(weight)
+    if weight_slot:
+        buffers[0][-1] = weight
+
+
+def _divide(sums: list[torch.Tensor], buffers: list[torch.Tensor], weight_slot: bool, weight_sum) -> float:
     if weight_slot:
         denom = buffers[0][-1].clone()  # a 0-dim tensor: each buffer divides in its own dtype
         weight_sum = float(denom)
@@ -96,6 +115,70 @@ def exact_average_(
     for b in sums:
         b.div_(denom)
     return float(weight_sum)
+
+
+@dataclass
+class AverageInFlight:
+    """An exact average started by :func:`start_exact_average`; :meth:`finish` waits and divides."""
+
+    buffers: list[torch.Tensor]
+    pending: Pending | None  # None: nothing in flight
+    weight_slot: bool
+    weight_sum: float | None
+    total: torch.Tensor | None
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.wait()
+
+    @torch.no_grad()
+    def finish(self) -> float:
+        """Wait, then ``buffers`` <- their exact average; returns the sum of the weights."""
+        self.wait()
+        weight_sum = float(self.total) if self.total is not None else self.weight_sum
+        return _divide(self.buffers, self.buffers, self.weight_slot, weight_sum)
+
+
+@torch.no_grad()
+def start_exact_average(
+    buffers: list[torch.Tensor],
+    weight: float,
+    comm: Comm,
+    ranks=None,
+    *,
+    weight_slot: bool = False,
+    weight_sum: float | None = None,
+    channel: str = "",
+) -> AverageInFlight:
+    """:func:`exact_average_` without waiting: the all-reduces run on ``channel`` (see
+    :meth:`lookahead_dist.comm.Comm.group`) while the caller computes; ``finish()`` on the
+    result waits and divides. ``buffers`` must not be touched until then."""
+    ranks = list(range(comm.world_size)) if ranks is None else list(ranks)
+    weight = float(weight)
+    _to_numerators(buffers, weight, weight_slot)
+    total, parts = None, []
+    if not weight_slot and weight_sum is None:
+        total = torch.tensor([weight], dtype=torch.float64, device=comm.device_for_collectives())
+        parts.append(comm.start_all_reduce_sum(total, ranks, channel))
+    parts += [comm.start_all_reduce_sum(b, ranks, channel) for b in buffers]
+    pending = Pending.merge(comm, f"exact average over ranks {ranks}", ranks, parts)
+    return AverageInFlight(list(buffers), pending, weight_slot, weight_sum, total)
+
+
+@dataclass
+class MixInFlight:
+    """A mixing step started by :meth:`MixingEngine.start`, to be ended by :meth:`MixingEngine.finish`."""
+
+    k: int
+    plan: Plan
+    sources: dict[int, list[torch.Tensor]]
+    pending: Pending | None  # None: P_k is the identity, nothing was started
+    reduced: list = field(default_factory=list)  # (receivers, group index, all-reduce buffer)
+    received: dict = field(default_factory=dict)  # (remote agent, group index) -> receive buffer
+
+    def wait(self) -> None:
+        """Wait for the communication only (the agents are written by ``finish``)."""
+        self.pending.wait()
 
 
 class MixingEngine:
@@ -178,6 +261,90 @@ class MixingEngine:
         if plan.local is not None:
             self._combine(plan.local.combine, {}, ngroups)
         self.bytes_sent += plan.bytes_sent(self.buffer_bytes())
+
+    # -- overlapped mixing -----------------------------------------------------------
+    def start(self, k: int, sources: dict[int, list[torch.Tensor]]) -> MixInFlight:
+        """Post P_k's communication without waiting, reading each local agent ``a`` from ``sources[a]``.
+
+        ``sources`` holds one snapshot per local agent, buffers shaped like the
+        agent's that nothing else writes until :meth:`finish`; the engine may
+        use them as scratch (an all-reduce of a single agent runs in its
+        snapshot). Every rank calls it for the same k.
+        """
+        plan = self.plan(k)
+        self._check_agents()
+        missing = [a for a in self.local_agents if a not in sources]
+        if missing:
+            raise ConfigError(f"rank {self.rank}: mixing step {k} was started without snapshots of agents {missing}")
+        ngroups = len(next(iter(self.agents.values())))
+        parts, reduced, received = [], [], {}
+        for ar in plan.allreduces:
+            single = len(ar.receivers) == 1 and len(ar.coeffs) == 1 and ar.coeffs[0][0] == ar.receivers[0]
+            for g in range(ngroups):
+                if single:
+                    buf = sources[ar.receivers[0]][g]
+                    buf.mul_(ar.coeffs[0][1])
+                else:
+                    buf = self._scratch(("allreduce", ar.ranks, g), self.agents[ar.receivers[0]][g])
+                    buf.zero_()
+                    for i, c in ar.coeffs:
+                        buf.add_(sources[i][g], alpha=c)
+                parts.append(self.comm.start_all_reduce_sum(buf, ar.ranks))
+                reduced.append((ar.receivers, g, buf))
+        if plan.exchange is not None:
+            ex = plan.exchange
+            sends, recvs = [], []
+            for g in range(ngroups):
+                for peer, agents in ex.sends:
+                    for i in agents:
+                        sends.append((peer, sources[i][g]))
+                for peer, agents in ex.recvs:
+                    for i in agents:
+                        received[(i, g)] = self._scratch(("recv", i, g, peer), next(iter(self.agents.values()))[g])
+                        recvs.append((peer, received[(i, g)]))
+            parts.append(self.comm.start_exchange(sends, recvs))
+        peers = sorted({p for part in parts for p in (part.peers or [])})
+        pending = Pending.merge(self.comm, f"mixing step {k} (peers {peers})", peers, parts)
+        return MixInFlight(k, plan, sources, pending, reduced, received)
+
+    @torch.no_grad()
+    def finish(self, inflight: MixInFlight) -> None:
+        """Wait for :meth:`start`'s communication and write x_j <- sum_i w_ij snapshot_i into every local agent.
+
+        A local agent that P_k leaves alone takes its snapshot back. The
+        arithmetic is :meth:`mix`'s, in the same order.
+        """
+        inflight.pending.wait()
+        plan, sources = inflight.plan, inflight.sources
+        ngroups = len(next(iter(self.agents.values())))
+        written = set()
+        for receivers, g, buf in inflight.reduced:
+            for j in receivers:
+                self.agents[j][g].copy_(buf)
+                written.add(j)
+        for part in (plan.exchange, plan.local):
+            if part is None:
+                continue
+            for g in range(ngroups):
+                for j, ws in part.combine:
+                    dst, own = self.agents[j][g], sources[j][g]
+                    self_w = next((w for i, w in ws if i == j), 0.0)
+                    if self_w == 0.0:
+                        dst.zero_()
+                    elif self_w == 1.0:
+                        dst.copy_(own)
+                    else:
+                        torch.mul(own, self_w, out=dst)
+                    for i, w in ws:
+                        if i != j:
+                            dst.add_(sources[i][g] if i in sources else inflight.received[(i, g)], alpha=w)
+                    written.add(j)
+        for a in self.local_agents:
+            if a not in written:
+                for dst, src in zip(self.agents[a], sources[a]):
+                    dst.copy_(src)
+        if not plan.is_noop:
+            self.bytes_sent += plan.bytes_sent(self.buffer_bytes())
 
     def _allreduce(self, ar, ngroups: int) -> None:
         single = len(ar.receivers) == 1 and len(ar.coeffs) == 1 and ar.coeffs[0][0] == ar.receivers[0]

@@ -33,5 +33,9 @@ class CommError(LookaheadDistError, RuntimeError):
     """Communication between ranks failed: a mismatch between ranks, a lost peer, a timeout."""
 
 
+class InFlightError(LookaheadDistError, RuntimeError):
+    """A tensor that overlapped communication was still reading or writing was changed in place."""
+
+
 class DivergenceError(LookaheadDistError, FloatingPointError):
     """A loss or parameter became NaN or infinite."""
