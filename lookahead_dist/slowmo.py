@@ -24,6 +24,23 @@ The base algorithm between slow steps is chosen by ``base``:
 * a gossip topology (YAML file, mapping or Topology): D-PSGD for a
   column-stochastic graph, SGP for a push-sum one, mixed after every base step.
 
+Overlap. ``overlap=True`` runs the gossip base in combine-then-adapt order with
+each exchange behind the next forward and backward (see
+:class:`~lookahead_dist.decentralized.Decentralized`). ``overlap_slow=True``
+overlaps the slow step itself: at a slow step the all-reduce of the workers'
+average starts and training goes on locally; one base step later the result is
+applied with a delay correction that keeps the local progress made meanwhile::
+
+    end of step k, (k + 1) % tau == 0:  x_sent <- x; start the all-reduce of x_sent
+    end of step k + 1:                   wait; x_bar; u, z as above (gamma of the ended window)
+                                         x <- z + (x - x_sent)    (push-sum weights <- 1)
+
+This is Streaming DiLoCo's overlapped outer sync (Douillard et al., 2025) with
+an overlap of exactly one inner step and the local progress kept whole: their
+merge mixes the received global parameters with the local ones, here the local
+delta made since the send is added to the new slow model with weight 1. The
+reference engine's ``overlap_slow=True`` implements the same rule.
+
 Defaults, from the SlowMo paper's experiments: alpha = 1.0 (the paper's main
 setting), beta = 0.5 (the middle of its 0.4-0.7 range, good across its tasks),
 tau = 12 (its default period for local SGD on ImageNet), base-optimizer
@@ -38,7 +55,7 @@ import torch
 
 from lookahead_dist.comm import Comm
 from lookahead_dist.decentralized import Decentralized
-from lookahead_dist.engine import exact_average_
+from lookahead_dist.engine import AverageInFlight, exact_average_, start_exact_average
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.flat import flatten_module
 from lookahead_dist.optim_utils import STEP_KEY, WrapperOptimizer, saved_step_count
@@ -90,6 +107,8 @@ class SlowMo(WrapperOptimizer):
         comm: process-group wrapper (default: the default group).
         mix_buffers: average model buffers (BatchNorm statistics) at slow steps and in the gossip.
         max_alpha: upper limit accepted for alpha (default 1).
+        overlap: run the gossip base overlapped, in combine-then-adapt order (needs ``base``).
+        overlap_slow: overlap the slow step's all-reduce with the next base step (delay-corrected).
     """
 
     def __init__(
@@ -107,6 +126,8 @@ class SlowMo(WrapperOptimizer):
         mix_buffers: bool = True,
         max_alpha: float = 1.0,
         buffers: str | None = None,
+        overlap: bool = False,
+        overlap_slow: bool = False,
     ):
         if buffers is not None:
             warnings.warn(
@@ -122,13 +143,23 @@ class SlowMo(WrapperOptimizer):
                 )
             optimizer_state = buffers
         _check(tau, alpha, beta, optimizer_state, max_alpha)
+        if overlap and base is None:
+            raise ConfigError(
+                "SlowMo: overlap=True overlaps the gossip of a base topology, but base is None (local SGD "
+                "sends nothing between slow steps); use overlap_slow=True to overlap the slow step"
+            )
+        if overlap_slow and shard:
+            raise ConfigError("SlowMo: overlap_slow=True and shard=True cannot be combined; choose one")
         super().__init__(optimizer)
+        self.overlap, self.overlap_slow = bool(overlap), bool(overlap_slow)
         self.tau, self.alpha, self.beta, self.shard = tau, float(alpha), float(beta), bool(shard)
         self.optimizer_state = optimizer_state
         self.comm = comm or Comm()
         self.model = model
         if base is not None:
-            self.base = Decentralized(optimizer, model, base, comm=self.comm, mix_buffers=mix_buffers)
+            self.base = Decentralized(
+                optimizer, model, base, comm=self.comm, mix_buffers=mix_buffers, overlap=self.overlap
+            )
             topo = self.base.topology
             if topo.slow_agents or topo.n != self.comm.world_size:
                 raise ConfigError(
@@ -156,6 +187,13 @@ class SlowMo(WrapperOptimizer):
         self._slow_bytes = 0
         self.step_count = 0
         self.gamma = self.base_lr()
+        # overlapped slow step: the values sent, their average (in flight or done) and the window's gamma
+        self._slow_avg: AverageInFlight | None = None
+        self._slow_ready = False
+        self._slow_sent = self._slow_red = None
+        self._slow_gamma = self.gamma
+        if self.overlap_slow:
+            self.comm.group(range(self.comm.world_size), channel="slow")  # every rank, at construction
 
     # -- layout -----------------------------------------------------------------
     def _values(self) -> list[torch.Tensor]:
@@ -182,7 +220,14 @@ class SlowMo(WrapperOptimizer):
     def step(self, closure=None):
         if self.step_count % self.tau == 0:
             self.gamma = self.base_lr()
-        if self.base is not None:
+        if self.base is not None and self.base.overlap:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.flat.check_views(full=self.step_count % 100 == 0)
+            self.base._advance()
+        elif self.base is not None:
             loss = self.base.step(closure)
         else:
             loss = None
@@ -192,9 +237,55 @@ class SlowMo(WrapperOptimizer):
             self.flat.check_views(full=self.step_count % 100 == 0)
             self.optimizer.step()
         self.step_count += 1
+        if self._slow_avg is not None:
+            self._apply_slow()
         if self.step_count % self.tau == 0:
-            self._slow_step()
+            if self.overlap_slow:
+                self._start_slow()
+            else:
+                self._slow_step()
+        if self.base is not None and self.base.overlap:
+            self.base._begin()
         return loss
+
+    # -- the overlapped slow step ----------------------------------------------------
+    def _start_slow(self) -> None:
+        """x_sent <- x; start the all-reduce of the workers' average on its own channel."""
+        values = self._values()
+        if self._slow_sent is None:
+            self._slow_sent = [torch.empty_like(v) for v in values]
+            self._slow_red = [torch.empty_like(v) for v in values]
+        for sent, red, v in zip(self._slow_sent, self._slow_red, values):
+            sent.copy_(v)
+            red.copy_(v)
+        weight = float(self.flat.params[0].buffer[-1]) if self.push_sum else 1.0
+        weight_sum = None if self.push_sum else self.comm.world_size
+        self._slow_avg = start_exact_average(self._slow_red, weight, self.comm, weight_sum=weight_sum, channel="slow")
+        self._slow_ready = False
+        self._slow_gamma = self.gamma
+
+    def _apply_slow(self) -> None:
+        """Wait for the average, take the slow-momentum step, x <- z + (x - x_sent)."""
+        if not self._slow_ready:
+            self._slow_avg.finish()
+        self._slow_avg, self._slow_ready = None, False
+        values = self._values()
+        p = self.comm.world_size
+        self._slow_bytes += sum(2 * (p - 1) * v.numel() * v.element_size() // p for v in values)
+        slow_momentum_update(
+            self.slow, self.momentum, self._slow_red, alpha=self.alpha, beta=self.beta, gamma=self._slow_gamma
+        )
+        for v, sent, z in zip(values, self._slow_sent, self.slow):
+            v.sub_(sent).add_(z)
+        if self.push_sum:
+            self.flat.params[0].buffer[-1] = 1.0
+        self._buffers_at_slow_step()
+
+    def _settle_slow(self) -> None:
+        """Wait for an overlapped slow step's average and divide (its result stays pending)."""
+        if self._slow_avg is not None and not self._slow_ready:
+            self._slow_avg.finish()
+            self._slow_ready = True
 
     def _slow_step(self) -> None:
         """x_bar, then the slow-momentum rule, then every worker <- z; the model's own buffers are the scratch."""
@@ -242,6 +333,11 @@ class SlowMo(WrapperOptimizer):
 
     # -- checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a bitwise resume needs; waits for communication in flight.
+
+        With overlap, save between steps (after ``step()``, before the next forward).
+        """
+        self._settle_slow()
         own = {
             STEP_KEY: self.step_count,
             "gamma": self.gamma,
@@ -253,6 +349,12 @@ class SlowMo(WrapperOptimizer):
             "shard": self.shard,
             "world_size": self.comm.world_size,
         }
+        if self._slow_avg is not None:
+            own["pending_slow"] = {
+                "sent": [t.clone() for t in self._slow_sent],
+                "x_bar": [t.clone() for t in self._slow_red],
+                "gamma": self._slow_gamma,
+            }
         if self.base is not None:
             base = self.base.state_dict()
             return {"inner": base["inner"], "slowmo": own, "base": base["decentralized"]}
@@ -281,10 +383,29 @@ class SlowMo(WrapperOptimizer):
         self.tau, self.alpha, self.beta = own["tau"], own["alpha"], own["beta"]
         for dst, src in zip(self.slow + self.momentum, own["slow"] + own["momentum"]):
             dst.copy_(src)
+        if self._slow_avg is not None:
+            self._slow_avg.wait()
+        self._slow_avg, self._slow_ready = None, False
+        pending = own.get("pending_slow")
+        if pending is not None:
+            if not self.overlap_slow:
+                raise ConfigError(
+                    "SlowMo checkpoint: it was saved with an overlapped slow step in flight; load it with "
+                    "overlap_slow=True"
+                )
+            self._slow_sent = [t.clone() for t in pending["sent"]]
+            self._slow_red = [t.clone() for t in pending["x_bar"]]
+            self._slow_gamma = float(pending["gamma"])
+            self._slow_avg, self._slow_ready = AverageInFlight(self._slow_red, None, False, None, None), True
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """Every worker <- the exact average of the workers (the model to evaluate and export)."""
+        """Every worker <- the exact average of the workers (the model to evaluate and export).
+
+        An overlapped slow step still pending is applied first.
+        """
+        if self._slow_avg is not None:
+            self._apply_slow()
         if self.base is not None:
             self.base.finalize()  # push-sum aware: sum of numerators / sum of weights
             return
@@ -297,4 +418,7 @@ class SlowMo(WrapperOptimizer):
 
     def __repr__(self) -> str:
         base = self.base.topology.name if self.base is not None else "local"
-        return f"SlowMo(tau={self.tau}, alpha={self.alpha}, beta={self.beta}, base={base}, shard={self.shard})"
+        return (
+            f"SlowMo(tau={self.tau}, alpha={self.alpha}, beta={self.beta}, base={base}, shard={self.shard}, "
+            f"overlap={self.overlap}, overlap_slow={self.overlap_slow})"
+        )
