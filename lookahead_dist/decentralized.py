@@ -178,7 +178,9 @@ class Decentralized(WrapperOptimizer):
 
     # -- overlap -----------------------------------------------------------------
     def _param_versions(self) -> list[int]:
-        return [g.buffer._version for g in self.flat.params]
+        """The version counters of the flat parameter buffers and of each parameter (a Parameter re-homed
+        by ``.data =`` keeps a counter of its own, so an in-place op on it bumps only that one)."""
+        return [g.buffer._version for g in self.flat.params] + [t._version for g in self.flat.params for t in g.tensors]
 
     @torch.no_grad()
     def _begin(self) -> None:
@@ -222,11 +224,15 @@ class Decentralized(WrapperOptimizer):
         if now != self._versions:
             inflight.wait()  # leave no operation behind before raising
             self._inflight = None
+            names = [f"flat {g.dtype} buffer" for g in self.flat.params] + [
+                n for g in self.flat.params for n in g.names
+            ]
+            changed = [n for n, a, b in zip(names, self._versions, now) if a != b]
             raise InFlightError(
                 f"rank {self.comm.rank}: the model's parameters were changed in place while their exchange for "
-                f"step {inflight.k} was in flight (flat buffer versions {self._versions} -> {now}); with "
-                "overlap=True change the parameters only through the optimizer's step(), or call finalize() "
-                "first and step() again afterwards"
+                f"step {inflight.k} was in flight ({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); "
+                "with overlap=True change the parameters only through the optimizer's step(), or call "
+                "finalize() first and step() again afterwards"
             )
         # what forward did to the module buffers since they were sent, kept in the sent copies
         for sent, cur in zip(self._sent_buffers, self._module_buffers):

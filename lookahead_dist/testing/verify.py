@@ -48,8 +48,9 @@ def perturbed_start(prob, agent: int, perturb: float) -> torch.Tensor:
     return prob.x0 + perturb * noise
 
 
-def train_rank(rank, topology, steps, lr=LR, comm=None, record=False, perturb=0.0):
-    """One rank of a :class:`Decentralized` run on the tiny regression problem.
+def train_rank(rank, topology, steps, lr=LR, comm=None, record=False, perturb=0.0, overlap=False):
+    """One rank of a :class:`Decentralized` run on the tiny regression problem (``overlap``: overlapped,
+    in combine-then-adapt order).
 
     Returns {"agent": this rank's fast agent or None, "final": flat params,
     "hist": flat params after each step (with ``record``), "agents": every local
@@ -65,7 +66,7 @@ def train_rank(rank, topology, steps, lr=LR, comm=None, record=False, perturb=0.
     model = copy.deepcopy(prob.module)
     if perturb:
         torch.nn.utils.vector_to_parameters(perturbed_start(prob, topo.agents_on(rank)[0], perturb), model.parameters())
-    opt = Decentralized(sgd(model.parameters(), lr), model, topo, comm=comm)
+    opt = Decentralized(sgd(model.parameters(), lr), model, topo, comm=comm, overlap=overlap)
 
     def snapshot():  # each local agent's parameters (the first flat group), without the push-sum weight
         return {a: without_weight(bufs, topo.push_sum)[0].clone() for a, bufs in opt.engine.agents.items()}
@@ -111,13 +112,13 @@ def _verify_worker(rank, world, source, steps, lr, perturb):
     return {"train": train, "consensus": still}
 
 
-def reference_models(topo, steps, lr=LR, perturb=0.0):
+def reference_models(topo, steps, lr=LR, perturb=0.0, order="adapt_then_combine"):
     """The reference engine's de-biased models (n, d) at every step 0..steps."""
     from lookahead_dist.reference.simulate import Reference
 
     prob = make_problem(topo.n)
     x0 = torch.stack([perturbed_start(prob, a, perturb) for a in range(topo.n)]) if perturb else prob.x0
-    ref = Reference(topo.schedule, topo.roles, x0, prob, lambda p: sgd(p, lr), record_every=1)
+    ref = Reference(topo.schedule, topo.roles, x0, prob, lambda p: sgd(p, lr), record_every=1, order=order)
     trace = ref.run(steps)
     return [trace.X[k] for k in range(steps + 1)]
 

@@ -14,7 +14,7 @@ TOPOLOGIES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
 __all__ = ["LR", "MOMENTUM", "SEED", "TOPOLOGIES", "flat_model", "make_problem", "perturbed_start", "sgd"]
 
 
-def many_topologies(rank, world, names, steps, lr, perturb=0.0):
+def many_topologies(rank, world, names, steps, lr, perturb=0.0, overlap=False):
     """Run each named shipped topology in turn on the same process group."""
     from lookahead_dist.comm import Comm
 
@@ -22,7 +22,7 @@ def many_topologies(rank, world, names, steps, lr, perturb=0.0):
     results = {}
     for name in names:
         path = name if os.path.isabs(name) else os.path.join(TOPOLOGIES, name)
-        results[name] = train_rank(rank, path, steps, lr=lr, comm=comm, record=True, perturb=perturb)
+        results[name] = train_rank(rank, path, steps, lr=lr, comm=comm, record=True, perturb=perturb, overlap=overlap)
     comm.close()
     return results
 
@@ -123,6 +123,8 @@ def _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=None, state=None):
         optimizer_state=cfg.get("optimizer_state", "keep"),
         shard=cfg.get("shard", False),
         comm=comm,
+        overlap=cfg.get("overlap", False),
+        overlap_slow=cfg.get("overlap_slow", False),
     )
     sched = None
     if cfg.get("lr_decay"):
@@ -241,3 +243,73 @@ def exact_averages(rank, world):
         "mine": mine,
         "weight": weight,
     }
+
+
+def overlap_suite(rank, world, names, steps, slowmo_configs_, slowmo_steps):
+    """Everything overlapped that runs on 4 ranks, on one process group.
+
+    For each named topology: an overlapped run (lr LR), and from perturbed starts with lr 0 an overlapped
+    and a blocking run. Then SlowMo configurations (resume checks included), BatchNorm statistics under
+    overlap, and an in-place change of the parameters while their exchange is in flight.
+    """
+    from lookahead_dist.comm import Comm
+    from lookahead_dist.decentralized import Decentralized
+    from lookahead_dist.errors import InFlightError
+
+    comm = Comm()
+    out = {"train": {}, "still": {}, "still_blocking": {}}
+    for name in names:
+        path = os.path.join(TOPOLOGIES, name)
+        out["train"][name] = train_rank(rank, path, steps, comm=comm, record=True, overlap=True)
+        out["still"][name] = train_rank(
+            rank, path, 3 * steps, lr=0.0, comm=comm, record=True, perturb=1.0, overlap=True
+        )
+        out["still_blocking"][name] = train_rank(rank, path, 3 * steps, lr=0.0, comm=comm, record=True, perturb=1.0)
+    prob = make_problem(world)
+    out["slowmo"] = {}
+    for name, cfg in slowmo_configs_.items():
+        if cfg.get("resume_at") is not None:
+            full = _slowmo_run(rank, world, cfg, comm, slowmo_steps, prob, stop_at=cfg["resume_at"])
+            resumed = _slowmo_run(rank, world, cfg, comm, slowmo_steps, prob, state=full["ckpt"])
+            out["slowmo"][name] = {"full": full["hist"], "resumed": resumed["hist"], "finalized": full["finalized"]}
+        else:
+            out["slowmo"][name] = _slowmo_run(rank, world, cfg, comm, slowmo_steps, prob)
+
+    # BatchNorm running statistics: forward's updates survive the overlapped combine, and are mixed.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    with torch.no_grad():
+        model[1].running_mean.fill_(float(rank))
+    opt = Decentralized(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        model,
+        os.path.join(TOPOLOGIES, "complete.yaml"),
+        comm=comm,
+        overlap=True,
+    )
+    means = [model[1].running_mean.clone()]
+    for k in range(3):
+        x = torch.full((8, 3), float(k + 1)) + torch.arange(8.0)[:, None]
+        model(x).sum().backward()
+        opt.step()
+        means.append(model[1].running_mean.clone())
+    opt.finalize()
+    out["bn"] = means
+
+    # An in-place change of the parameters while their exchange is in flight.
+    model = copy.deepcopy(prob.module)
+    opt = Decentralized(sgd(model.parameters()), model, os.path.join(TOPOLOGIES, "ring.yaml"), comm=comm, overlap=True)
+    opt.step()
+    with torch.no_grad():
+        next(model.parameters()).mul_(2.0)
+    try:
+        opt.step()
+        out["inplace"] = "no error"
+    except InFlightError as exc:
+        out["inplace"] = f"InFlightError: {exc}"
+    # the wrapper goes on after finalize(): the next step starts its exchange anew
+    opt.finalize()
+    opt.step()
+    out["after_finalize_step"] = opt.step_count
+    comm.close()
+    return out
