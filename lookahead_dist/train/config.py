@@ -11,7 +11,7 @@ and the key path (``optim.lr``, ``algorithm.tau``)::
     optim:      {name: sgd, lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 0.0,
                  schedule: cosine, milestones: [], milestones_in: steps, decay: 0.1, warmup_steps: 0}
     algorithm:  {name: slowmo, topology: topologies/ring.yaml, tau: 12, alpha: 1.0, beta: 0.5,
-                 optimizer_state: keep, shard: false, mix_buffers: true}
+                 optimizer_state: keep, shard: false, mix_buffers: true, overlap: false, overlap_slow: false}
     debug:      {nan_step: null, nan_rank: 0}
     steps: 400          # or epochs: 90 (exactly one of the two; the other null)
     epochs: null
@@ -125,6 +125,8 @@ class AlgorithmConfig:
     optimizer_state: str = "keep"  # base-optimizer state at a slow step: keep | reset | average
     shard: bool = False
     mix_buffers: bool = True  # mix BatchNorm statistics with the parameters
+    overlap: bool = False  # gossip behind the next forward/backward (combine-then-adapt): decentralized, slowmo
+    overlap_slow: bool = False  # slow step's all-reduce behind the next base step: slowmo, local_sgd, lookahead
 
 
 @dataclass
@@ -388,6 +390,28 @@ def validate(cfg: Config) -> Config:
     )
     _check(w, check.check_beta, a.beta, "algorithm.beta")
     _check(w, check.check_optimizer_state, a.optimizer_state, "algorithm.optimizer_state")
+    _require(
+        not a.overlap or a.name == "decentralized" or (a.name == "slowmo" and bool(a.topology)),
+        w,
+        "algorithm.overlap",
+        f"overlaps gossip: it needs name decentralized, or slowmo with a topology (name is {a.name}, topology "
+        f"{a.topology})",
+        a.overlap,
+    )
+    _require(
+        not a.overlap_slow or a.name in ("slowmo", "local_sgd", "lookahead"),
+        w,
+        "algorithm.overlap_slow",
+        f"overlaps a slow step: it needs name slowmo, local_sgd or lookahead (name is {a.name})",
+        a.overlap_slow,
+    )
+    _require(
+        not (a.overlap_slow and a.shard),
+        w,
+        "algorithm.overlap_slow",
+        "cannot be combined with algorithm.shard: true",
+        a.overlap_slow,
+    )
     _require(
         a.name != "decentralized" or bool(a.topology),
         w,

@@ -101,18 +101,32 @@ def _build_algorithm(cfg: Config, model, optimizer, comm: Comm, device):
         ids = [device.index] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
-    common = dict(optimizer_state=a.optimizer_state, shard=a.shard, comm=comm, mix_buffers=a.mix_buffers)
+    common = dict(
+        optimizer_state=a.optimizer_state,
+        shard=a.shard,
+        comm=comm,
+        mix_buffers=a.mix_buffers,
+        overlap_slow=a.overlap_slow,
+    )
     if a.name == "slowmo":
+        base = topology() if a.topology else None
         return SlowMo(
-            optimizer, model, tau=a.tau, alpha=a.alpha, beta=a.beta, base=topology() if a.topology else None, **common
+            optimizer, model, tau=a.tau, alpha=a.alpha, beta=a.beta, base=base, overlap=a.overlap, **common
         ), model
     if a.name == "decentralized":
-        return Decentralized(optimizer, model, topology(), comm=comm, mix_buffers=a.mix_buffers), model
+        return Decentralized(
+            optimizer, model, topology(), comm=comm, mix_buffers=a.mix_buffers, overlap=a.overlap
+        ), model
     if a.name == "local_sgd":
         return SlowMo(optimizer, model, tau=a.tau, alpha=1.0, beta=0.0, base=None, **common), model
     if a.name == "allreduce":
         return optimizer, ddp(model)
     if W == 1:  # lookahead
+        if a.overlap_slow:
+            raise ConfigError(
+                "algorithm.overlap_slow: true overlaps the slow step's all-reduce across ranks; serial lookahead on "
+                "one rank has none (set it to false, or run on several ranks)"
+            )
         return Lookahead(optimizer, tau=a.tau, alpha=a.alpha), model
     # lookahead on several ranks: Lookahead over all-reduce SGD (_announce says so at start)
     opt = SlowMo(optimizer, model, tau=a.tau, alpha=a.alpha, beta=0.0, base=None, **common)

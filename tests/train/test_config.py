@@ -273,3 +273,21 @@ def test_digits_cnn():
     with torch.no_grad():
         out = build_model(load_config(None, ["model.batch_norm=false"]).model)(torch.ones(1, 1, 8, 8))
     assert not math.isnan(float(out.sum()))
+
+
+def test_overlap_keys_are_checked_against_the_algorithm():
+    cfg = load_config(None, ["algorithm.overlap=true", "algorithm.overlap_slow=true"])  # slowmo over a ring
+    assert cfg.algorithm.overlap is True and cfg.algorithm.overlap_slow is True
+    cfg = load_config(None, ["algorithm.name=decentralized", "algorithm.overlap=true"])
+    assert cfg.algorithm.overlap is True
+    assert load_config(None, ["algorithm.name=local_sgd", "algorithm.overlap_slow=true"]).algorithm.overlap_slow
+    with pytest.raises(ConfigError, match=r"algorithm\.overlap overlaps gossip: .*name is local_sgd"):
+        load_config(None, ["algorithm.name=local_sgd", "algorithm.overlap=true"])
+    with pytest.raises(ConfigError, match=r"algorithm\.overlap overlaps gossip: .*topology None"):
+        load_config(None, ["algorithm.topology=null", "algorithm.overlap=true"])
+    with pytest.raises(ConfigError, match=r"algorithm\.overlap_slow overlaps a slow step: .*name is decentralized"):
+        load_config(None, ["algorithm.name=decentralized", "algorithm.overlap_slow=true"])
+    with pytest.raises(ConfigError, match=r"algorithm\.overlap_slow cannot be combined with algorithm\.shard"):
+        load_config(None, ["algorithm.overlap_slow=true", "algorithm.shard=true"])
+    with pytest.raises(ConfigError, match=r"algorithm\.overlap: expected true or false, got 'yes please'"):
+        load_config(None, ["algorithm.overlap=yes please"])

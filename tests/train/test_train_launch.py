@@ -149,3 +149,24 @@ def test_a_run_checkpointed_before_the_renames_resumes_to_the_same_model(tmp_pat
     a = torch.load(run / "model.pt", weights_only=True)
     b = torch.load(FIXTURES / "straight_model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overlapped_run_resumes_to_the_same_model(tmp_path):
+    """Gossip and slow step overlapped (algorithm.overlap, algorithm.overlap_slow): stopped by a NaN at step 45
+    and resumed from the step-30 checkpoint, written while the slow step begun at step 29's end was still to be
+    applied, it ends with the uninterrupted run's model, bit for bit."""
+    ov = ["--set", "algorithm.overlap=true", "--set", "algorithm.overlap_slow=true", "--set", "algorithm.tau=10"]
+    proc = torchrun(tmp_path, *COMMON, *ov, "--out", "straight")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert summary["final_test_accuracy"] > 0.5
+    run = tmp_path / "stopped"
+    proc = torchrun(tmp_path, *COMMON, *ov, "--out", str(run), "--set", "debug.nan_step=45")
+    assert proc.returncode != 0 and "last good checkpoint: step 30" in proc.stderr
+    state = torch.load(run / "checkpoints" / "step_00000030" / "rank_0.pt", weights_only=False)
+    assert set(state["optimizer"]["slowmo"]["pending_slow"]) == {"sent", "x_bar", "gamma"}
+    proc = torchrun(tmp_path, *COMMON, *ov, "--out", str(run), "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a = torch.load(run / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
