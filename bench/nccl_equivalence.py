@@ -52,14 +52,15 @@ def topologies(world: int) -> dict:
     }
 
 
-def train_on_device(topo, steps: int, device: torch.device, comm) -> dict:
-    """This rank's run: the fast agent's flat parameters (on the CPU) after every step."""
+def train_on_device(topo, steps: int, device: torch.device, comm, overlap: bool = False) -> dict:
+    """This rank's run: the fast agent's flat parameters (on the CPU) after every step (``overlap``: the
+    exchange runs on the backend's stream behind the next forward and backward, combine-then-adapt)."""
     from lookahead_dist.decentralized import Decentralized
     from lookahead_dist.testing.verify import flat_model, make_problem, sgd
 
     prob = make_problem(topo.n)
     model = copy.deepcopy(prob.module).to(device)
-    opt = Decentralized(sgd(model.parameters()), model, topo, comm=comm)
+    opt = Decentralized(sgd(model.parameters()), model, topo, comm=comm, overlap=overlap)
     on_device = all(b.device == device for bufs in opt.engine.agents.values() for b in bufs)
     agent = opt.fast_agent
     hist = [flat_model(model).cpu()]
@@ -93,19 +94,22 @@ def main(argv=None) -> int:
         comm = Comm()
         if rank == 0:
             print(f"{world} ranks, backend {args.backend}, float64 on {device.type}; tolerance {args.tol:g}")
-        for name, source in topologies(world).items():
+        runs = [(name, source, overlap) for overlap in (False, True) for name, source in topologies(world).items()]
+        for name, source, overlap in runs:
             topo = load(source, world_size=world)
             steps = max(args.steps, 3 * topo.schedule.period)
-            mine = train_on_device(topo, steps, device, comm)
+            mine = train_on_device(topo, steps, device, comm, overlap)
             per_rank = [None] * world
             dist.all_gather_object(per_rank, mine)
-            dev = deviations(topo, [{"train": r} for r in per_rank], reference_models(topo, steps))
+            order = "combine_then_adapt" if overlap else "adapt_then_combine"
+            dev = deviations(topo, [{"train": r} for r in per_rank], reference_models(topo, steps, order=order))
+            name = name + (" (overlap)" if overlap else "")
             placed = all(r["on_device"] for r in per_rank)
             passed = max(dev) <= args.tol and placed
             ok &= passed
             if rank == 0:
                 print(
-                    f"{name:22} {topo.n} agents, push-sum {'yes' if topo.push_sum else 'no '}, {steps} steps: "
+                    f"{name:32} {topo.n} agents, push-sum {'yes' if topo.push_sum else 'no '}, {steps} steps: "
                     f"largest deviation {max(dev):.3e}, buffers on {device.type}: {'yes' if placed else 'NO'} "
                     f"-> {'ok' if passed else 'FAILED'}",
                     flush=True,

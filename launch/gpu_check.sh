@@ -4,11 +4,13 @@
 #
 #   bash launch/gpu_check.sh            # from anywhere; PYTHON=/path/to/python to pick the interpreter
 #
-# Steps (each with a time limit, and all of them within BUDGET seconds, default 290):
+# Steps (each with a time limit, and all of them within BUDGET seconds, default 420):
 #   a. install the package with its test extras unless it is importable (torch is expected to be present)
-#   b. python -m pytest -q tests/test_gpu.py
+#   b. python -m pytest -q tests/test_gpu.py (every topology on one GPU, blocking and overlapped, vs the CPU reference)
 #   c. torchrun --standalone --nproc_per_node=1 launch/train.py --set steps=50
-#   d. G >= 2 GPUs: torchrun --nproc_per_node=G bench/nccl_equivalence.py (ring, one-peer exponential, push-sum)
+#   c2. the same with overlap on (algorithm.overlap, algorithm.overlap_slow: NCCL's asynchronous work handles)
+#   d. G >= 2 GPUs: torchrun --nproc_per_node=G bench/nccl_equivalence.py (ring, one-peer exponential, push-sum;
+#      blocking and overlapped)
 #   e. G >= 2 GPUs: torchrun --nproc_per_node=G bench/comm.py --backend nccl (timings are reported, not judged)
 # Ends with a PASS/FAIL line per step and an overall verdict; the exit status is 0 only when every step passed.
 set -u
@@ -16,7 +18,7 @@ cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lookahead_dist-gpu-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
-BUDGET=${BUDGET:-290}
+BUDGET=${BUDGET:-420}
 SUMMARY=()
 FAILED=0
 
@@ -67,6 +69,10 @@ else
     # c. the trainer on one GPU (NCCL is chosen automatically when CUDA is present)
     step "train.py on 1 rank (NCCL)" 90 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
         launch/train.py --set steps=50 --out "$WORK/train"
+    # c2. the trainer with the gossip and the slow step overlapped (asynchronous NCCL work handles)
+    step "train.py on 1 rank (NCCL, overlap)" 90 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+        launch/train.py --set steps=50 --set algorithm.overlap=true --set algorithm.overlap_slow=true \
+        --set algorithm.tau=10 --out "$WORK/train_overlap"
     if [ "$GPUS" -ge 2 ]; then
         # d. the engine on G GPUs vs the CPU float64 reference
         step "NCCL equivalence on $GPUS GPUs" 90 "$PY" -m torch.distributed.run --standalone \

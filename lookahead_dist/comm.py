@@ -251,8 +251,10 @@ class Pending:
                     w.wait()
 
 
-# Every Pending of this process whose operations have not been waited for.
-_IN_FLIGHT: weakref.WeakSet[Pending] = weakref.WeakSet()
+# Every Pending of this process whose operations have not been waited for, held strongly: a work
+# handle dropped before it is waited for frees the buffers its transfer still writes into, and the
+# group's next operations then hang (seen with gloo). Waiting removes it.
+_IN_FLIGHT: set[Pending] = set()
 
 
 def drain_in_flight(comm: Comm | None = None) -> None:

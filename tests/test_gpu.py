@@ -33,6 +33,12 @@ def test_all_agents_on_one_gpu_equal_reference(nccl_group, name):
     assert worst <= TOL, f"{name}: largest deviation from the reference {worst:.3g}"
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_all_agents_on_one_gpu_overlapped_equal_reference_in_combine_then_adapt_order(nccl_group, name):
+    worst = run_all_on_one_rank(name, nccl_group, overlap=True)
+    assert worst <= TOL, f"{name}: largest deviation from the combine-then-adapt reference {worst:.3g}"
+
+
 def _problem():
     from lookahead_dist.reference.problems import tiny_regression
 

@@ -173,6 +173,7 @@ def test_in_place_change_while_in_flight_is_an_error(suite):
         assert r["inplace"].startswith("InFlightError"), r["inplace"]
         assert "changed in place" in r["inplace"] and "step 1" in r["inplace"]
         assert r["after_finalize_step"] == 2
+        assert r["after_drop_step"] == 2
 
 
 @pytest.mark.parametrize(

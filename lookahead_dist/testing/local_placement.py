@@ -76,8 +76,13 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
 
 
-def run_all_on_one_rank(name: str, device: torch.device, steps: int = STEPS) -> float:
+def run_all_on_one_rank(name: str, device: torch.device, steps: int = STEPS, overlap: bool = False) -> float:
     """Run ``name`` with every agent on this (only) rank on ``device``; the largest deviation from the reference.
+
+    ``overlap``: the overlapped path, :meth:`MixingEngine.start` from snapshots before the forward and
+    :meth:`MixingEngine.finish` after it, then the base step (combine-then-adapt, as
+    :class:`~lookahead_dist.decentralized.Decentralized` with ``overlap=True``), against the reference in
+    that order.
 
     Must run inside a one-rank process group (:func:`one_rank_group`). Asserts
     that the engine compiled only local arithmetic and that every flat buffer
@@ -108,17 +113,39 @@ def run_all_on_one_rank(name: str, device: torch.device, steps: int = STEPS) -> 
             end = base + engine.agents[a][0].numel() * engine.agents[a][0].element_size()
             assert all(base <= p.data_ptr() < end for p in model.parameters()), "parameters are not views"
 
-        trace = Reference(topo.schedule, topo.roles, prob.x0, prob, sgd, record_every=1).run(steps)
+        order = "combine_then_adapt" if overlap else "adapt_then_combine"
+        trace = Reference(topo.schedule, topo.roles, prob.x0, prob, sgd, record_every=1, order=order).run(steps)
+        snaps = {a: [torch.empty_like(b) for b in bufs] for a, bufs in engine.agents.items()}
 
         def worst_at(k: int) -> float:
             return max(_rel_err(flat_model(m).cpu(), trace.X[k][a]) for a, m in models.items())
 
         worst = worst_at(0)
         for k in range(steps):
+            if overlap:
+                with torch.no_grad():
+                    for a, bufs in engine.agents.items():  # snapshot the numerators x = z w
+                        w = float(bufs[0][-1]) if topo.push_sum else 1.0
+                        for dst, src in zip(snaps[a], bufs):
+                            torch.mul(src, w, out=dst)
+                        if topo.push_sum:
+                            snaps[a][0][-1] = w
+                    inflight = engine.start(k, snaps)
             for a, opt in opts.items():
                 opt.zero_grad()
                 inputs, targets = prob.data_fn(a, k)
                 torch.nn.functional.mse_loss(models[a](inputs.to(device)), targets.to(device)).backward()
+            if overlap:
+                with torch.no_grad():
+                    engine.finish(inflight)  # the agents hold the mixed numerators
+                    for opt in opts.values():
+                        opt.step()
+                    for a in models if topo.push_sum else ():
+                        w = float(engine.agents[a][0][-1])
+                        for v in values[a]:
+                            v.div_(w)
+                worst = max(worst, worst_at(k + 1))
+                continue
             with torch.no_grad():
                 weights = {a: float(engine.agents[a][0][-1]) for a in models} if topo.push_sum else {}
                 for a, w in weights.items():  # model z -> numerator x = z w

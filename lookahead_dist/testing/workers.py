@@ -311,5 +311,12 @@ def overlap_suite(rank, world, names, steps, slowmo_configs_, slowmo_steps):
     opt.finalize()
     opt.step()
     out["after_finalize_step"] = opt.step_count
+    # dropped with its next exchange in flight (no finalize): a new wrapper on the same group still works
+    del opt
+    model = copy.deepcopy(prob.module)
+    opt = Decentralized(sgd(model.parameters()), model, os.path.join(TOPOLOGIES, "ring.yaml"), comm=comm, overlap=True)
+    for _ in range(2):
+        opt.step()
+    out["after_drop_step"] = opt.step_count
     comm.close()
     return out

@@ -19,3 +19,9 @@ def gloo_group():
 def test_all_agents_on_one_cpu_rank_equal_reference(gloo_group, name):
     worst = run_all_on_one_rank(name, gloo_group)
     assert worst <= TOL, f"{name}: largest deviation from the reference {worst:.3g}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_all_agents_on_one_cpu_rank_overlapped_equal_reference_in_combine_then_adapt_order(gloo_group, name):
+    worst = run_all_on_one_rank(name, gloo_group, overlap=True)
+    assert worst <= TOL, f"{name}: largest deviation from the combine-then-adapt reference {worst:.3g}"
