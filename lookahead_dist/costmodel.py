@@ -92,7 +92,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.mixing import Schedule
+from lookahead_dist.mixing import Phase, Schedule
 from lookahead_dist.plan import Plan, compile_plan
 
 __all__ = [
@@ -252,31 +252,32 @@ class PhaseCost:
         return float(np.max(self.comm_s + self.combine_s)) if len(self.comm_s) else 0.0
 
 
-def _symmetry(P: np.ndarray, placement: tuple[int, ...], candidates) -> int | None:
+def _symmetry(P: Phase, placement: tuple[int, ...], candidates) -> int | None:
     """The smallest s in ``candidates`` with P invariant under agent (= rank) i -> i + s mod n, if any."""
-    n = P.shape[0]
+    n = P.n
     if placement != tuple(range(n)):
         return None
     for s in sorted({int(c) for c in candidates if 0 < c < n and n % c == 0}):
-        if np.array_equal(np.roll(P, (s, s), axis=(0, 1)), P):
+        if P.shift_invariant(s):
             return s
     return None
 
 
-def traffic_of_phase(P: np.ndarray, placement, buffer_bytes: int, cache: dict | None = None) -> list[RankTraffic]:
+def traffic_of_phase(P, placement, buffer_bytes: int, cache: dict | None = None) -> list[RankTraffic]:
     """Every rank's :class:`RankTraffic` for one phase, compiling as few plans as the schedule's symmetry allows.
 
     When P (one agent per rank) is invariant under r -> r + s (s the smallest such divisor of n), only
     ranks 0 .. s - 1 are compiled and the others are their shifts; otherwise every rank is compiled.
-    ``cache`` (a dict) keeps plans across calls, keyed by the matrix's bytes.
+    ``cache`` (a dict) keeps plans across calls, keyed by the matrix's stored entries. ``P`` is a
+    :class:`~lookahead_dist.mixing.Phase` (read sparsely) or a dense matrix.
     """
-    P = np.asarray(P, dtype=np.float64)
+    P = P if isinstance(P, Phase) else Phase(np.asarray(P, dtype=np.float64))
     placement = tuple(int(r) for r in placement)
     world = max(placement) + 1
-    key = (P.shape, hash(P.tobytes()), placement)
+    key = (P.n, P.digest(), placement)
     plans = None if cache is None else cache.get(key)
     if plans is None:
-        n = P.shape[0]
+        n = P.n
         s = _symmetry(P, placement, [d for d in range(1, n // 2 + 1) if n % d == 0 and d <= 4096])
         base = [compile_plan(P, placement, r) for r in range(s if s else world)]
         plans = (s, base)
@@ -335,7 +336,10 @@ def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: in
                 intra_sent[t.rank] += b
     comm, combine, sent = np.zeros(world), np.zeros(world), np.zeros(world)
     # all-reduces of one phase run at once: groups that share a node share its NIC
-    shapes = {g: _allreduce_shape(g, buffer_bytes, rpn, links) for t in traffic for g in t.allreduces}
+    shapes: dict = {}
+    for g in (g for t in traffic for g in t.allreduces):
+        if g not in shapes:  # once per group: 65,536 ranks share one
+            shapes[g] = _allreduce_shape(g, buffer_bytes, rpn, links)
     ar_load = np.zeros(nnodes)
     for load, _ in shapes.values():
         for u, b in load.items():
@@ -436,7 +440,7 @@ def schedule_cost(
             z = np.zeros(world)
             costs.append(PhaseCost(z, z.copy(), z.copy(), np.zeros(world // ranks_per_node)))
             continue
-        traffic = traffic_of_phase(ph.matrix, placement, buffer_bytes, cache)
+        traffic = traffic_of_phase(ph, placement, buffer_bytes, cache)
         costs.append(phase_cost(traffic, buffer_bytes, ranks_per_node, links))
     return ScheduleCost(costs, [ph.repeat for ph in schedule.phases])
 

@@ -211,9 +211,9 @@ class MixingEngine:
             comm.check_same(fp, f"schedules ({source})")
         # Process groups first, on every rank, in one global order.
         for ph in schedule.phases:
-            for ranks in group_rank_sets(ph.matrix, self.placement):
+            for ranks in group_rank_sets(ph, self.placement):
                 comm.group(ranks)
-        self.plans: list[Plan] = [compile_plan(ph.matrix, self.placement, self.rank) for ph in schedule.phases]
+        self.plans: list[Plan] = [compile_plan(ph, self.placement, self.rank) for ph in schedule.phases]
         self.local_agents = tuple(i for i, r in enumerate(self.placement) if r == self.rank)
         self.agents: dict[int, list[torch.Tensor]] = {}
         self._scratch_cache: dict[tuple, torch.Tensor] = {}

@@ -1,16 +1,26 @@
-"""Built-in mixing-matrix generators, built on networkx graphs.
+"""Built-in mixing-matrix generators, built sparsely (networkx only for :func:`metropolis_hastings`).
 
-Length: just over 500 lines: every built-in generator, its parameter rules and the size limits the
-loader relies on; each generator is a few lines, and the registry needs them all in one place.
+Length: just over 500 lines: every built-in generator, its sparse construction beside its dense form,
+its parameter rules and the size limits the loader relies on; the registry needs them all in one place.
 
-Every generator returns float64 NumPy matrices in the library's convention:
-column j of P holds the weights agent j takes from every agent (X_{k+1} = X_k P,
-paper eq. 4), so every column sums to 1. Time-varying generators return a list
-of :class:`~lookahead_dist.mixing.Phase` instead of a single matrix.
+Every generator follows the library's convention: column j of P holds the weights
+agent j takes from every agent (X_{k+1} = X_k P, paper eq. 4), so every column sums
+to 1. The registry (:data:`GENERATORS`, ``Generator.phases``) builds each phase
+sparsely in O(n x degree) time and memory, straight from index arithmetic:
+:class:`~lookahead_dist.mixing.Phase` objects over ``scipy.sparse`` matrices, or an
+:class:`~lookahead_dist.mixing.Averaging` block for exact averaging (``complete``,
+the intra-node phase of ``hierarchical``), which is O(1) at any size. The functions
+named after each generator (:func:`ring`, :func:`torus`, ...) return the same matrix
+dense, up to :data:`~lookahead_dist.mixing.MAX_DENSE_AGENTS` agents.
 
 Undirected generators (:func:`ring`, :func:`torus`, :func:`star`,
 :func:`hypercube`) use Metropolis-Hastings weights (:func:`metropolis_hastings`):
 symmetric and doubly stochastic, so their invariant vector is a = 1/n.
+
+Limits: at most :data:`MAX_AGENTS` = 2^19 = 524,288 agents. The largest built-in
+phase there, the exponential graph, stores 20 entries per column (126 MB); loading
+checks every phase in O(its stored entries) and a 65,536-agent one-peer exponential
+schedule (16 phases) loads and validates in well under a second.
 
 >>> ring(4)[0].tolist()
 [0.33333333333333337, 0.3333333333333333, 0.0, 0.3333333333333333]
@@ -27,9 +37,10 @@ from typing import Callable, Optional
 
 import networkx as nx
 import numpy as np
+import scipy.sparse as sp
 
 from lookahead_dist.errors import ConfigError, MixingError, TopologyError
-from lookahead_dist.mixing import Phase, lookahead_schedule
+from lookahead_dist.mixing import DENSE_FINGERPRINT_AGENTS, MAX_DENSE_AGENTS, Averaging, Phase, lookahead_schedule
 from lookahead_dist.validation import check_int, check_mixing_alpha, short_repr
 
 __all__ = [
@@ -39,6 +50,7 @@ __all__ = [
     "REQUIRED",
     "complete",
     "edge_matrix",
+    "edge_phase",
     "exponential",
     "generator_names",
     "hierarchical",
@@ -53,11 +65,11 @@ __all__ = [
 
 REQUIRED = object()  # marks a parameter without default
 
-#: The most agents a topology may have. Every matrix is a dense float64 n x n array (32 MiB at 2048), and
-#: loading a topology checks its schedule with O(n^3) products and eigenvalues: a 2048-agent exponential
-#: graph takes about 40 s on 2 CPU cores, and each doubling costs eight times as much. A larger size is
-#: refused up front, naming this limit, instead of appearing to hang (10^9 agents would need 7 EiB).
-MAX_AGENTS = 2048
+#: The most agents a topology may have: 2^19 = 524,288. Every phase is sparse (O(n x degree)), so the limit
+#: is set by memory and start-up time: an exponential graph there stores 10.5 million entries (126 MB) and
+#: loads in seconds; each doubling costs about twice as much. A larger size is refused up front, naming this
+#: limit, before anything of that size is built (10^9 agents would need some 200 GB for the exponential graph).
+MAX_AGENTS = 2**19
 
 #: The longest schedule period (sum of the phases' repeats), in steps. 10^9 steps is far beyond any
 #: training run, and the bound keeps step arithmetic (k mod period, the phases' start steps) in int64.
@@ -97,9 +109,46 @@ def _agents(gen: str, key: str, value, size: int) -> int:
             gen,
             key,
             value,
-            f"{size} agents exceed the limit MAX_AGENTS = {MAX_AGENTS} (dense n x n matrices and O(n^3) checks)",
+            f"{size} agents exceed the limit MAX_AGENTS = {MAX_AGENTS} (the memory and start-up time of sparse phases)",
         )
     return size
+
+
+# -- sparse construction ------------------------------------------------------------
+
+
+def _coo(n: int, rows, cols, vals, shape=None, name: str = "") -> Phase:
+    """A phase from (row, col, value) triples (no duplicates), held sparsely."""
+    P = sp.coo_array((np.asarray(vals, dtype=np.float64), (np.asarray(rows), np.asarray(cols))), shape=(n, n))
+    return Phase(P, 1, name, shape=shape)
+
+
+def _mh(n: int, u: np.ndarray, v: np.ndarray, shape=None, name: str = "") -> Phase:
+    """Metropolis-Hastings weights of the undirected edges {u[k], v[k]} (no self-loops, each edge once).
+
+    The diagonal is 1 - (the column's off-diagonal sum), summed row by row as the dense sum would.
+    """
+    u, v = np.asarray(u, dtype=np.int64), np.asarray(v, dtype=np.int64)
+    deg = np.bincount(np.concatenate([u, v]), minlength=n)
+    w = 1.0 / (1.0 + np.maximum(deg[u], deg[v]))
+    rows, cols, vals = np.concatenate([u, v]), np.concatenate([v, u]), np.concatenate([w, w])
+    order = np.lexsort((rows, cols))
+    diag = 1.0 - np.bincount(cols[order], weights=vals[order], minlength=n)
+    idx = np.arange(n)
+    return _coo(n, np.concatenate([rows, idx]), np.concatenate([cols, idx]), np.concatenate([vals, diag]), shape, name)
+
+
+def _dense(phase: Phase, gen: str) -> np.ndarray:
+    """The dense matrix of a generator's phase, refused above MAX_DENSE_AGENTS."""
+    if phase.n > MAX_DENSE_AGENTS:
+        raise _error(
+            gen,
+            "n",
+            phase.n,
+            f"a dense matrix of {phase.n} agents exceeds the limit MAX_DENSE_AGENTS = {MAX_DENSE_AGENTS}; "
+            f"GENERATORS[{gen!r}].phases(n) builds it sparsely",
+        )
+    return np.array(phase.matrix)
 
 
 # -- undirected: Metropolis-Hastings ----------------------------------------------
@@ -124,15 +173,16 @@ def metropolis_hastings(G: nx.Graph) -> np.ndarray:
     n = len(nodes)
     if n == 0:
         raise TopologyError("metropolis_hastings: the graph has no nodes")
-    deg = {v: sum(1 for u in G.neighbors(v) if u != v) for v in nodes}
-    P = np.zeros((n, n))
-    for u, v in G.edges():
-        if u == v:
-            continue
-        w = 1.0 / (1.0 + max(deg[u], deg[v]))
-        P[index[u], index[v]] = P[index[v], index[u]] = w
-    P[np.diag_indices(n)] = 1.0 - P.sum(axis=0)
-    return P
+    pairs = [(index[u], index[v]) for u, v in G.edges() if u != v]
+    u = np.array([p[0] for p in pairs], dtype=np.int64)
+    v = np.array([p[1] for p in pairs], dtype=np.int64)
+    return _dense(_mh(n, u, v), "metropolis_hastings")
+
+
+def _ring(n: int) -> list[Phase]:
+    n = _n("ring", n)
+    i = np.arange(n if n >= 3 else n - 1)
+    return [_mh(n, i, (i + 1) % n, (n,), "ring")]
 
 
 def ring(n: int) -> np.ndarray:
@@ -142,8 +192,28 @@ def ring(n: int) -> np.ndarray:
     (every entry 1/2); n = 1 is [[1]]. Consensus rate:
     max_{k != 0} |1/3 + 2/3 cos(2 pi k / n)|.
     """
-    n = _n("ring", n)
-    return metropolis_hastings(nx.cycle_graph(n))
+    return _dense(_ring(n)[0], "ring")
+
+
+def _torus_sides(rows, cols) -> tuple[int, int]:
+    shape = f"shape {rows!r} x {cols!r}"
+    rows = _int("torus", "rows", rows, 1)
+    cols = _int("torus", "cols", cols, 1)
+    for key, side in (("rows", rows), ("cols", cols)):
+        if side < 3:
+            raise _error("torus", key, side, f"a torus needs both sides >= 3 ({shape})")
+    _agents("torus", "rows", rows, rows * cols)
+    return rows, cols
+
+
+def _torus(rows: int, cols: int) -> list[Phase]:
+    rows, cols = _torus_sides(rows, cols)
+    n = rows * cols
+    i = np.arange(n)
+    r, c = i // cols, i % cols
+    u = np.concatenate([i, i])
+    v = np.concatenate([r * cols + (c + 1) % cols, ((r + 1) % rows) * cols + c])
+    return [_mh(n, u, v, (rows, cols), "torus")]
 
 
 def torus(rows: int, cols: int) -> np.ndarray:
@@ -153,25 +223,26 @@ def torus(rows: int, cols: int) -> np.ndarray:
     (r, c +- 1 mod cols). Every agent has degree 4, so P[i, j] = 1/5 for each
     neighbour and P[i, i] = 1/5.
     """
-    shape = f"shape {rows!r} x {cols!r}"
-    rows = _int("torus", "rows", rows, 1)
-    cols = _int("torus", "cols", cols, 1)
-    for key, side in (("rows", rows), ("cols", cols)):
-        if side < 3:
-            raise _error("torus", key, side, f"a torus needs both sides >= 3 ({shape})")
-    _agents("torus", "rows", rows, rows * cols)
-    G = nx.grid_2d_graph(rows, cols, periodic=True)
-    G = nx.relabel_nodes(G, {(r, c): r * cols + c for r, c in G.nodes()})
-    return metropolis_hastings(G)
+    return _dense(_torus(rows, cols)[0], "torus")
+
+
+def _complete(n: int) -> list[Phase]:
+    return [Phase(Averaging(1, _n("complete", n), 1), 1, "complete")]
 
 
 def complete(n: int) -> np.ndarray:
     """Exact averaging on n agents: P = J / n (every entry 1/n; Metropolis-Hastings on K_n).
 
-    One step maps every agent to the exact average; the consensus rate is 0.
+    One step maps every agent to the exact average; the consensus rate is 0. Held as one
+    :class:`~lookahead_dist.mixing.Averaging` block by the registry: one all-reduce at any n.
     """
-    n = _n("complete", n)
-    return np.full((n, n), 1.0 / n)
+    return _dense(_complete(n)[0], "complete")
+
+
+def _star(n: int) -> list[Phase]:
+    n = _n("star", n)
+    leaves = np.arange(1, n)
+    return [_mh(n, np.zeros(n - 1, dtype=np.int64), leaves, None, "star")]
 
 
 def star(n: int) -> np.ndarray:
@@ -180,8 +251,19 @@ def star(n: int) -> np.ndarray:
     The hub has degree n - 1 and every leaf degree 1, so for n >= 2
     P[0, j] = P[j, 0] = 1/n, P[0, 0] = 1/n and P[j, j] = 1 - 1/n (j >= 1).
     """
-    n = _n("star", n)
-    return metropolis_hastings(nx.star_graph(n - 1))
+    return _dense(_star(n)[0], "star")
+
+
+def _hypercube(n: int) -> list[Phase]:
+    n = _n("hypercube", n)
+    if n & (n - 1):
+        raise _error("hypercube", "n", n, "a hypercube needs a power of two agents")
+    d = n.bit_length() - 1
+    i = np.arange(n)
+    pairs = [(i[(i >> m) & 1 == 0], i[(i >> m) & 1 == 0] ^ (1 << m)) for m in range(d)]
+    u = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros(0, dtype=np.int64)
+    v = np.concatenate([p[1] for p in pairs]) if pairs else np.zeros(0, dtype=np.int64)
+    return [_mh(n, u, v, (2,) * d if d else None, "hypercube")]
 
 
 def hypercube(n: int) -> np.ndarray:
@@ -189,18 +271,22 @@ def hypercube(n: int) -> np.ndarray:
 
     Agents i and j are neighbours iff their binary indices differ in one bit
     (j = i XOR 2^m); every agent has degree d, so P[i, j] = P[i, i] = 1/(d + 1).
+    Circulant for the index shape (2, ..., 2) (XOR is addition there).
     """
-    n = _n("hypercube", n)
-    if n & (n - 1):
-        raise _error("hypercube", "n", n, "a hypercube needs a power of two agents")
-    d = n.bit_length() - 1
-    G = nx.Graph()
-    G.add_nodes_from(range(n))
-    G.add_edges_from((i, i ^ (1 << m)) for i in range(n) for m in range(d))
-    return metropolis_hastings(G)
+    return _dense(_hypercube(n)[0], "hypercube")
 
 
 # -- directed ---------------------------------------------------------------------
+
+
+def _exponential(n: int) -> list[Phase]:
+    n = _n("exponential", n)
+    hops = [1 << m for m in range((n - 1).bit_length())] if n > 1 else []
+    w = 1.0 / (len(hops) + 1)
+    j = np.arange(n)
+    rows = np.concatenate([j] + [(j - s) % n for s in hops])
+    cols = np.tile(j, len(hops) + 1)
+    return [_coo(n, rows, cols, np.full(rows.size, w), (n,), "exponential")]
 
 
 def exponential(n: int) -> np.ndarray:
@@ -213,19 +299,20 @@ def exponential(n: int) -> np.ndarray:
 
     In- and out-degrees are all p, so P is doubly stochastic (a = 1/n). n = 1 is [[1]].
     """
-    n = _n("exponential", n)
-    G = nx.DiGraph()
-    G.add_nodes_from(range(n))
-    if n > 1:
-        peers = [1 << m for m in range((n - 1).bit_length())]
-        G.add_edges_from((i, (i + s) % n) for i in range(n) for s in peers)
-    P = np.zeros((n, n))
-    for j in range(n):
-        senders = list(G.predecessors(j))
-        w = 1.0 / (len(senders) + 1)
-        P[senders, j] = w
-        P[j, j] = w
-    return P
+    return _dense(_exponential(n)[0], "exponential")
+
+
+def _one_peer_exponential(n: int) -> list[Phase]:
+    n = _n("one_peer_exponential", n)
+    if n == 1:
+        return [Phase(np.ones((1, 1)), 1, "self")]
+    j = np.arange(n)
+    phases = []
+    for m in range((n - 1).bit_length()):
+        hop = 1 << m
+        rows = np.concatenate([j, (j - hop) % n])
+        phases.append(_coo(n, rows, np.tile(j, 2), np.full(2 * n, 0.5), (n,), f"hop {hop}"))
+    return phases
 
 
 def one_peer_exponential(n: int) -> list[Phase]:
@@ -238,19 +325,10 @@ def one_peer_exponential(n: int) -> list[Phase]:
 
     Each P_m is doubly stochastic. When n is a power of two the product of the
     phases is exactly J / n: every agent holds the average after log2(n) steps.
-    n = 1 is a single phase [[1]].
+    n = 1 is a single phase [[1]]. The phases are held sparsely (``Phase.matrix``
+    densifies one on demand).
     """
-    n = _n("one_peer_exponential", n)
-    if n == 1:
-        return [Phase(np.ones((1, 1)), 1, "self")]
-    phases = []
-    for m in range((n - 1).bit_length()):
-        hop = 1 << m
-        P = 0.5 * np.eye(n)
-        for i in range(n):
-            P[i, (i + hop) % n] += 0.5
-        phases.append(Phase(P, 1, f"hop {hop}"))
-    return phases
+    return _one_peer_exponential(n)
 
 
 def two_agent(alpha: float = 0.5, tau: int = 5) -> list[Phase]:
@@ -278,11 +356,13 @@ def hierarchical(nodes: int, per_node: int, inter: str = "ring") -> list[Phase]:
 
     Two phases:
 
-    1. intra-node exact averaging, kron(I_nodes, J_per_node / per_node);
+    1. intra-node exact averaging, kron(I_nodes, J_per_node / per_node) (an
+       :class:`~lookahead_dist.mixing.Averaging` block: one all-reduce per node);
     2. inter-node gossip, kron(W, I_per_node), with W = ``inter``(nodes) a static
        built-in generator: agent a of node u mixes with agent a of u's neighbours.
 
-    Their product is kron(W, J_per_node / per_node).
+    Their product is kron(W, J_per_node / per_node). Both phases are circulant for the
+    index shape (nodes, per_node) when W is circulant (ring, exponential, complete).
     """
     nodes = _int("hierarchical", "nodes", nodes, 1)
     per_node = _int("hierarchical", "per_node", per_node, 1)
@@ -290,15 +370,20 @@ def hierarchical(nodes: int, per_node: int, inter: str = "ring") -> list[Phase]:
     if inter not in STATIC_INTER:
         raise _error("hierarchical", "inter", inter, f"must be one of {list(STATIC_INTER)}")
     try:
-        W = GENERATORS[inter].func(nodes)
+        (W,) = GENERATORS[inter].build(nodes)
     except TopologyError as exc:
         raise _error("hierarchical", "inter", inter, f"{inter} on {nodes} nodes: {exc}") from None
-    intra = np.kron(np.eye(nodes), np.full((per_node, per_node), 1.0 / per_node))
-    return [Phase(intra, 1, "intra-node average"), Phase(np.kron(W, np.eye(per_node)), 1, f"inter-node {inter}")]
+    shape = (nodes, per_node)
+    intra = Phase(Averaging(nodes, per_node, 1), 1, "intra-node average", shape=shape)
+    if W.averaging is not None:
+        across = Averaging(1, nodes, per_node)
+    else:
+        across = sp.kron(W.csc, sp.identity(per_node, format="csc"), format="csc")
+    return [intra, Phase(across, 1, f"inter-node {inter}", shape=shape)]
 
 
-def edge_matrix(n: int, edges, push_sum: bool = False, undirected: bool = False) -> np.ndarray:
-    """The mixing matrix of a directed edge list on n agents: (i, j) or (i, j, w) each.
+def edge_phase(n: int, edges, push_sum: bool = False, undirected: bool = False) -> Phase:
+    """The mixing matrix of a directed edge list on n agents, held sparsely: (i, j) or (i, j, w) each.
 
     Column-stochastic rule: edge (i -> j, w) means agent j takes weight w from agent i::
 
@@ -310,14 +395,15 @@ def edge_matrix(n: int, edges, push_sum: bool = False, undirected: bool = False)
     ``push_sum``: edge (i -> j, w) means i sends the fraction w of its mass to j,
     P[i, j] = w and P[i, i] = 1 - sum_{j != i} P[i, j] (rows sum to 1; without
     weights 1/(out_degree(i) + 1) each). ``undirected``: every edge also goes j -> i.
+    O(edges + n) time and memory.
     """
     _agents("edges", "n", n, n)
     edges = [tuple(e) for e in edges]
     if undirected:
         edges += [(e[1], e[0]) + e[2:] for e in edges if e[0] != e[1]]
     weighted = bool(edges) and len(edges[0]) == 3
-    P = np.zeros((n, n))  # built receiver-major: column j = what j takes (push-sum: edges reversed, transposed)
-    fixed, seen = set(), set()
+    seen = set()
+    src, dst, wts, fixed = [], [], [], {}  # built receiver-major: column dst = what dst takes
     for e in edges:
         i, j = e[0], e[1]
         if (i, j) in seen:
@@ -328,31 +414,59 @@ def edge_matrix(n: int, edges, push_sum: bool = False, undirected: bool = False)
                 f"duplicate edge {i} -> {j}" + (" (undirected: true adds every reverse edge)" if undirected else ""),
             )
         seen.add((i, j))
-        src, dst = (j, i) if push_sum else (i, j)
-        if src == dst:
+        s, d = (j, i) if push_sum else (i, j)
+        if s == d:
             if weighted:
-                P[dst, dst] = e[2]
-                fixed.add(dst)
+                fixed[d] = e[2]
             continue
-        P[src, dst] = e[2] if weighted else 1.0
-    for j in set(range(n)) - fixed:
-        if not weighted:
-            w = 1.0 / (np.count_nonzero(P[:, j]) + 1)
-            P[:, j] *= w
-            P[j, j] = w
-        else:
-            s = float(P[:, j].sum())
-            if s > 1 + 1e-9:
-                word = "row" if push_sum else "column"
-                raise _error(
-                    "edges",
-                    None,
-                    None,
-                    f"{word} {j}: the weights of agent {j} sum to {s!r} > 1, "
-                    "so its self-weight 1 - sum would be negative",
-                )
-            P[j, j] = max(0.0, 1.0 - s)
-    return P.T.copy() if push_sum else P
+        src.append(s)
+        dst.append(d)
+        wts.append(float(e[2]) if weighted else 1.0)
+    src, dst, wts = np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64), np.array(wts, dtype=np.float64)
+    if weighted:
+        keep = wts != 0.0
+        src, dst, wts = src[keep], dst[keep], wts[keep]
+    order = np.lexsort((src, dst))
+    src, dst, wts = src[order], dst[order], wts[order]
+    free = np.ones(n, dtype=bool)
+    free[list(fixed)] = False
+    if not weighted:
+        indeg = np.bincount(dst, minlength=n)
+        w = 1.0 / (indeg + 1.0)
+        wts = w[dst]
+        diag = w
+    else:
+        sums = np.bincount(dst, weights=wts, minlength=n)
+        if n <= DENSE_FINGERPRINT_AGENTS:  # summed as a dense column is (pairwise), so small weights stay bit for bit
+            D = np.zeros((n, n))
+            D[src, dst] = wts
+            for j in np.unique(dst).tolist():
+                sums[j] = D[:, j].sum()
+        over = np.flatnonzero(free & (sums > 1 + 1e-9))
+        if over.size:
+            j = int(over[0])
+            word = "row" if push_sum else "column"
+            raise _error(
+                "edges",
+                None,
+                None,
+                f"{word} {j}: the weights of agent {j} sum to {float(sums[j])!r} > 1, "
+                "so its self-weight 1 - sum would be negative",
+            )
+        diag = np.maximum(0.0, 1.0 - sums)
+        for j, x in fixed.items():
+            diag[j] = x
+    idx = np.arange(n)
+    rows, cols = np.concatenate([src, idx]), np.concatenate([dst, idx])
+    vals = np.concatenate([wts, diag])
+    if push_sum:
+        rows, cols = cols, rows
+    return _coo(n, rows, cols, vals)
+
+
+def edge_matrix(n: int, edges, push_sum: bool = False, undirected: bool = False) -> np.ndarray:
+    """:func:`edge_phase` as a dense matrix (up to MAX_DENSE_AGENTS agents)."""
+    return _dense(edge_phase(n, edges, push_sum, undirected), "edges")
 
 
 # -- registry ---------------------------------------------------------------------
@@ -445,6 +559,8 @@ class Generator:
 
     ``static`` generators return one matrix, the others a list of phases.
     ``roles`` gives default agent roles ("fast"/"slow"), or None for all fast.
+    ``func`` is the public function (dense matrices); ``build`` takes the same
+    arguments and returns the phases held sparsely, which :meth:`phases` uses.
     """
 
     name: str
@@ -454,6 +570,7 @@ class Generator:
     fill: Callable[[dict, Optional[int]], dict]
     roles: Optional[tuple] = None
     summary: str = field(default="", compare=False)
+    build: Optional[Callable] = field(default=None, compare=False)
 
     def signature(self) -> str:
         return f"{self.name}({', '.join(str(p) for p in self.params)})"
@@ -474,16 +591,17 @@ class Generator:
                 args[p.name] = p.check(self.name, params[p.name])
             elif p.default is REQUIRED:
                 raise _error(self.name, p.name, None, f"missing required parameter of {self.signature()}")
-        out = self.func(**args)
+        out = (self.build or self.func)(**args)
         phases = [Phase(out, 1, self.name)] if isinstance(out, np.ndarray) else list(out)
-        size = phases[0].matrix.shape[0]
+        size = phases[0].n
         if n is not None and size != n:
             raise _error(self.name, None, None, f"gives {size} agents, not {n}")
         return phases
 
 
 def _reg(name, func, params, static, fill, roles=None) -> Generator:
-    return Generator(name, func, tuple(params), static, fill, roles, (func.__doc__ or "").split("\n")[0])
+    build = globals().get(f"_{name}")
+    return Generator(name, func, tuple(params), static, fill, roles, (func.__doc__ or "").split("\n")[0], build)
 
 
 _N = (Param("n", int),)

@@ -16,8 +16,8 @@ every 12 to 48 steps).
 Cost: the plans of one phase are compiled for ranks 0 .. s - 1 only, s the smallest shift that leaves
 the matrix unchanged (1 for circulant graphs, the row length for the torus), and shared between rows
 that use the same matrix; consensus rates of circulant (block-circulant for the torus) schedules come
-from the DFT of one column, so no n x n eigendecomposition is needed. Building the n x n matrices is
-still dense: 1024 ranks take seconds, 4096 about a minute and 256 MB per matrix.
+from the DFT of one column, so no n x n eigendecomposition is needed. Every matrix is held sparsely
+(exact averaging as one block), so 65,536 ranks take a few seconds.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from lookahead_dist.costmodel import GLOO_OP_OVERHEAD_S, Links, schedule_cost, step_times, steps_to_consensus
 from lookahead_dist.errors import ConfigError, TopologyError
 from lookahead_dist.generators import GENERATORS
-from lookahead_dist.mixing import Phase, Schedule
+from lookahead_dist.mixing import Phase, Schedule, circulant_spectrum
 
 __all__ = [
     "Row",
@@ -122,30 +123,20 @@ def parse_count(text, name: str = "--params") -> float:
 # -- consensus rates without eigendecompositions -----------------------------------------------------
 
 
-def _dft_eigs(P: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Eigenvalues of P when it is (block-)circulant for the index shape ``shape``, else None."""
-    n = P.shape[0]
-    c = P[:, 0].reshape(shape)
-    idx = np.indices(shape).reshape(len(shape), n)  # the multi-index of every agent
-    diff = tuple((idx[d][:, None] - idx[d][None, :]) % shape[d] for d in range(len(shape)))
-    if not np.array_equal(c[diff], P):
-        return None
-    return (np.fft.fftn(c) if len(shape) > 1 else np.fft.fft(c)).ravel()
-
-
 def consensus_rate_fast(phases, shape: tuple[int, ...] | None = None) -> float:
     """The period consensus rate rho(Pi - J/n) of doubly stochastic (block-)circulant phases, by DFT.
 
     Circulant matrices share their eigenvectors, so the eigenvalues of the product are the products
     of the phases' eigenvalues at each frequency; frequency 0 carries the eigenvalue 1 of the average.
-    Falls back to :meth:`Schedule.consensus_rate` when a phase is not circulant for ``shape``.
+    Falls back to :meth:`Schedule.consensus_rate` when a phase is not circulant for ``shape``
+    (:func:`lookahead_dist.mixing.circulant_spectrum` checks every stored entry, O(nnz)).
     """
-    phases = list(phases)
-    n = phases[0].matrix.shape[0]
+    phases = [ph if isinstance(ph, Phase) else Phase(ph) for ph in phases]
+    n = phases[0].n
     shape = shape or (n,)
     prod = np.ones(n, dtype=complex)
     for ph in phases:
-        eig = _dft_eigs(ph.matrix, shape)
+        eig = circulant_spectrum(ph, shape)
         if eig is None:
             return Schedule(phases).consensus_rate()
         prod *= eig**ph.repeat
@@ -237,15 +228,15 @@ def plan_rows(
             rows.append(Row(name, *[math.nan] * 6, note=f"not built: {why}"))
             continue
         ph = _phases("hierarchical", n, nodes=nodes, per_node=rpn, inter=inter)
-        W = [Phase(GENERATORS[inter].func(nodes))]
+        W = GENERATORS[inter].phases(nodes)
         add(name, ph, consensus_rate_fast(W) if nodes > 1 else 0.0, 2)
-    J = GENERATORS["complete"].func(n)
+    (J,) = GENERATORS["complete"].phases(n)  # one averaging block: one all-reduce, O(1) to hold
     add("complete (parameter all-reduce)", [Phase(J)], 0.0, 1)
     ddp = add("all-reduce SGD (DDP)", [Phase(J)], 0.0, 1, note="gradients averaged: the models never drift")
     for tau in taus:
         add(
             f"local SGD tau={tau}",
-            ([Phase(np.eye(n), tau - 1)] if tau > 1 else []) + [Phase(J)],
+            ([Phase(sp.identity(n, format="csc"), tau - 1)] if tau > 1 else []) + [Phase(J)],
             0.0,
             tau,
             note="averages every tau steps",

@@ -77,24 +77,25 @@ import numpy as np
 import yaml
 
 from lookahead_dist.errors import MixingError, TopologyError
-from lookahead_dist.generators import GENERATORS, MAX_AGENTS, MAX_PERIOD, edge_matrix, generator_names, short_repr
-from lookahead_dist.mixing import (
-    DEFAULT_TOL,
-    Phase,
-    Schedule,
-    check_column_stochastic,
-    check_row_stochastic,
-    weight_problem,
-)
+from lookahead_dist.generators import GENERATORS, MAX_AGENTS, MAX_PERIOD, edge_phase, generator_names, short_repr
+from lookahead_dist.mixing import DEFAULT_TOL, MAX_NONZEROS, Phase, Schedule, check_phase, weight_problem
 
 __all__ = ["Topology", "builtin", "from_mapping", "load", "main", "plot", "report"]
 
-NO_CONSENSUS_TOL = 1e-9
+#: A period consensus rate >= 1 - this is "no consensus". Rates come from closed forms or eigenvalues accurate
+#: to some 1e-14, and a ring of MAX_AGENTS = 2^19 agents has 1 - 4.8e-11, which must still count as consensus.
+NO_CONSENSUS_TOL = 1e-11
 #: The most phases a schedule may list, after a multi-phase generator's ``repeat`` copies are expanded.
-#: Loading multiplies one n x n matrix per phase (the period product); hand-written schedules have a few
+#: Loading checks every phase and applies each in the consensus rate; hand-written schedules have a few
 #: phases, one_peer_exponential log2(n), so 4096 is generous and still keeps a file like
 #: ``{generator: two_agent, repeat: 1000000000}`` from building a billion phases.
 MAX_PHASES = 4096
+#: The most rows of a dense ``matrix:``: n^2 numbers that PyYAML parses as Python objects (4 million at 2048,
+#: some 40 s and 1 GB), checked with the dense checks as written. Larger topologies use a generator or ``edges``.
+MAX_MATRIX_AGENTS = 2048
+#: The most stored entries the distinct phases of one schedule may hold together (MAX_NONZEROS = 2^26,
+#: 800 MB): a long schedule of large phases is refused when it reaches this, not killed for memory.
+MAX_SCHEDULE_NONZEROS = MAX_NONZEROS
 _TOP_KEYS = (
     "name",
     "description",
@@ -205,8 +206,12 @@ def _matrix(ctx: _Ctx, value, path: str) -> np.ndarray:
     if not isinstance(value, list) or not value:
         raise ctx.err(path, "must be a non-empty list of rows", value)
     n = len(value)
-    if n > MAX_AGENTS:
-        raise ctx.err(path, f"{n} rows: more agents than the limit MAX_AGENTS = {MAX_AGENTS}")
+    if n > MAX_MATRIX_AGENTS:
+        raise ctx.err(
+            path,
+            f"{n} rows: a dense matrix of more agents than the limit MAX_MATRIX_AGENTS = {MAX_MATRIX_AGENTS} "
+            "(use a generator or edges)",
+        )
     for i, row in enumerate(value):
         p = f"{path}[{i}]"
         if not isinstance(row, list):
@@ -221,7 +226,7 @@ def _matrix(ctx: _Ctx, value, path: str) -> np.ndarray:
     return np.array(value, dtype=np.float64)
 
 
-def _edges(ctx: _Ctx, spec: dict, path: str, n: Optional[int], why: str, push_sum: bool) -> np.ndarray:
+def _edges(ctx: _Ctx, spec: dict, path: str, n: Optional[int], why: str, push_sum: bool) -> Phase:
     epath = _join(path, "edges")
     raw = spec["edges"]
     if not isinstance(raw, list):
@@ -271,7 +276,7 @@ def _edges(ctx: _Ctx, spec: dict, path: str, n: Optional[int], why: str, push_su
                 raise ctx.err(vp, f"node index out of range 0 .. {n - 1} ({n} agents)", v)
     undirected = ctx.as_bool(spec.get("undirected", False), _join(path, "undirected"))
     try:
-        return edge_matrix(n, [e[:3] if e[2] is not None else e[:2] for e in edges], push_sum, undirected)
+        return edge_phase(n, [e[:3] if e[2] is not None else e[:2] for e in edges], push_sum, undirected)
     except TopologyError as exc:
         raise ctx.err(epath, getattr(exc, "rule", str(exc))) from None
 
@@ -318,14 +323,13 @@ def _source(ctx: _Ctx, spec: dict, path: str, n: Optional[int], why: str, push_s
     elif key == "matrix":
         phases = [Phase(_matrix(ctx, spec[key], spath))]
     else:
-        phases = [Phase(_edges(ctx, spec, path, n, why, push_sum))]
-    check = check_row_stochastic if push_sum else check_column_stochastic
+        phases = [_edges(ctx, spec, path, n, why, push_sum)]
     for ph in phases:
-        m = ph.matrix.shape[0]
+        m = ph.n
         if n is not None and m != n:
             raise ctx.err(spath, f"gives {m} agents but the topology has {n} ({why})")
         try:
-            check(ph.matrix, DEFAULT_TOL, name=spath)
+            check_phase(ph, DEFAULT_TOL, spath, push_sum)
         except MixingError as exc:
             raise TopologyError(f"{ctx.source}: {exc}") from None
     return phases, roles
@@ -338,7 +342,7 @@ def _schedule(ctx: _Ctx, raw, n: Optional[int], why: str, push_sum: bool):
         raise ctx.err("schedule", "empty schedule: give at least one phase", raw)
     if len(raw) > MAX_PHASES:
         raise ctx.err("schedule", f"{len(raw)} phases exceed the limit MAX_PHASES = {MAX_PHASES}")
-    phases, roles, period = [], None, 0
+    phases, roles, period, stored = [], None, 0, 0
     for k, entry in enumerate(raw):
         p = f"schedule[{k}]"
         if not isinstance(entry, dict):
@@ -349,8 +353,15 @@ def _schedule(ctx: _Ctx, raw, n: Optional[int], why: str, push_sum: bool):
             raise ctx.err(_join(p, "repeat"), f"exceeds the longest period MAX_PERIOD = {MAX_PERIOD} steps", repeat)
         name = ctx.as_str(entry.get("name", ""), _join(p, "name"))
         sub, sub_roles = _source(ctx, entry, p, n, why, push_sum)
+        stored += sum(0 if ph.averaging is not None else ph.nnz for ph in sub)
+        if stored > MAX_SCHEDULE_NONZEROS:
+            raise ctx.err(
+                p,
+                f"the phases so far store {stored} entries, beyond the limit MAX_SCHEDULE_NONZEROS = "
+                f"{MAX_SCHEDULE_NONZEROS} (repeat a phase instead of listing it again)",
+            )
         if n is None:
-            n, why = sub[0].matrix.shape[0], "schedule[0]"
+            n, why = sub[0].n, "schedule[0]"
         roles = roles or sub_roles
         period += repeat * sum(ph.repeat for ph in sub)
         if period > MAX_PERIOD:
@@ -360,7 +371,7 @@ def _schedule(ctx: _Ctx, raw, n: Optional[int], why: str, push_sum: bool):
                 repeat,
             )
         if len(sub) == 1:
-            phases.append(Phase(sub[0].matrix, sub[0].repeat * repeat, name or sub[0].name))
+            phases.append(Phase(sub[0], sub[0].repeat * repeat, name or sub[0].name))
         elif len(phases) + len(sub) * repeat > MAX_PHASES:
             raise ctx.err(
                 _join(p, "repeat"),

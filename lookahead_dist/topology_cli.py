@@ -17,14 +17,35 @@ import networkx as nx
 import numpy as np
 
 from lookahead_dist.errors import MixingError, TopologyError
-from lookahead_dist.mixing import consensus_rate, invariant_vector
+from lookahead_dist.mixing import Phase, Schedule
 from lookahead_dist.topology import Topology, load
 
 __all__ = ["main", "plot", "report"]
 
 
 def _vec(v) -> str:
-    return "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
+    v = np.asarray(v)
+    if v.size <= 16:
+        return "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
+    if np.all(v == v[0]):
+        return f"[{v[0]:.6g} for every one of the {v.size} agents]"
+    return f"[{v.size} entries from {v.min():.6g} to {v.max():.6g}]"
+
+
+def _list(items) -> str:
+    """A list of ints, abbreviated past 16 entries (a contiguous run as its two ends)."""
+    items = list(items)
+    if len(items) <= 16:
+        return str(items)
+    if items == list(range(items[0], items[0] + len(items))):
+        return f"[{items[0]} .. {items[-1]}] ({len(items)} entries)"
+    return "[" + ", ".join(map(str, items[:8])) + f", ..., {items[-1]}] ({len(items)} entries)"
+
+
+def _per_rank(values, fmt) -> str:
+    if len(values) <= 16:
+        return ", ".join(f"rank {r}: {fmt(m)}" for r, m in enumerate(values))
+    return f"ranks 0 .. {len(values) - 1}: from {fmt(min(values))} to {fmt(max(values))}"
 
 
 def _matrix_text(P: np.ndarray) -> list:
@@ -33,51 +54,62 @@ def _matrix_text(P: np.ndarray) -> list:
     return [" ".join(f"{x:7.4f}" for x in row) for row in P]
 
 
+#: The most agents whose matrices the report prints (as numbers up to 12, as a pattern of x and . up to this).
+PRINT_AGENTS = 64
+#: The most all-reduce groups listed one per line for a phase.
+PRINT_GROUPS = 16
+
+
 def report(t: Topology) -> str:
-    """A human-readable description of a topology (what the command line prints)."""
-    from lookahead_dist.plan import compile_plan, group_rank_sets
+    """A human-readable description of a topology (what the command line prints).
+
+    Every number comes from the sparse forms (O(stored entries) per phase), so it works at any size;
+    matrices, lists and per-rank figures are abbreviated past a few dozen agents.
+    """
+    from lookahead_dist.plan import group_rank_sets, send_peer_counts
 
     s = t.schedule
     out = [f"{t.name}  ({t.source})"]
     if t.description:
         out.append(f"  {t.description}")
+    placement = list(t.placement)
+    where = _list(placement) if t.n <= 16 or placement != list(range(t.n)) else "agent i on rank i"
     out += [
         f"agents: {t.n} on {t.world_size} ranks; push-sum: {'yes' if t.push_sum else 'no'}; "
-        f"fast: {list(t.fast_agents)}; slow: {list(t.slow_agents)}",
-        f"placement (agent -> rank): {list(t.placement)}",
+        f"fast: {_list(t.fast_agents)}; slow: {_list(t.slow_agents)}",
+        f"placement (agent -> rank): {where}",
         f"period: {s.period} steps, {len(s.phases)} phases",
     ]
     kind = "row i = how agent i splits its mass" if t.push_sum else "column j = the weights agent j takes"
     avg, allreduces = np.zeros(t.world_size), 0
     for k, ph in enumerate(s.phases):
-        P = ph.matrix
-        out += [
-            "",
-            f"phase {k}" + (f" ({ph.name})" if ph.name else "") + f", repeat {ph.repeat}",
-            f"  P ({kind}" + ("; x = non-zero)" if t.n > 12 else ")"),
-        ]
-        out += ["    " + line for line in _matrix_text(P)]
-        M = P.T if t.push_sum else P
+        out += ["", f"phase {k}" + (f" ({ph.name})" if ph.name else "") + f", repeat {ph.repeat}"]
+        if t.n <= PRINT_AGENTS:
+            out.append(f"  P ({kind}" + ("; x = non-zero)" if t.n > 12 else ")"))
+            out += ["    " + line for line in _matrix_text(ph.matrix)]
+        else:
+            form = "exact averaging in groups" if ph.averaging is not None else f"{ph.nnz} stored entries"
+            out.append(f"  P ({kind}): {t.n} x {t.n}, {form}")
+        single = Schedule([Phase(ph, 1, ph.name)], push_sum=t.push_sum)
         try:
-            a = np.full(t.n, 1.0 / t.n) if t.push_sum else invariant_vector(P)
-            out.append(f"  invariant vector: {_vec(a)}")
-            out.append(f"  consensus rate: {consensus_rate(M):.6g}")
+            out.append(f"  invariant vector: {_vec(single.invariant_vector())}")
+            out.append(f"  consensus rate: {single.consensus_rate():.6g}")
         except MixingError as exc:
             out.append(f"  invariant vector: none unique ({exc}); consensus rate: 1 (no consensus in this phase)")
-        sends = [len(compile_plan(P, t.placement, r).send_peers()) for r in range(t.world_size)]
-        groups = group_rank_sets(P, t.placement)
+        sends = send_peer_counts(ph, t.placement).tolist()
+        groups = group_rank_sets(ph, t.placement)
         avg += ph.repeat * np.array(sends)
         if ph.is_identity:
             out.append("  messages per step: none (identity: no communication)")
         elif not groups and not any(sends):
             out.append("  messages per step: none (local arithmetic on each rank)")
-        out += [f"  one all-reduce over ranks {list(g)}" for g in groups]
+        out += [f"  one all-reduce over ranks {_list(g)}" for g in groups[:PRINT_GROUPS]]
+        if len(groups) > PRINT_GROUPS:
+            out.append(f"  ... and {len(groups) - PRINT_GROUPS} more all-reduces ({len(groups)} in all)")
         allreduces += ph.repeat * len(groups)
         if any(sends):
             per_rank = (
-                f"every rank: {sends[0]}"
-                if len(set(sends)) == 1
-                else ", ".join(f"rank {r}: {m}" for r, m in enumerate(sends)) + f" (max {max(sends)})"
+                f"every rank: {sends[0]}" if len(set(sends)) == 1 else _per_rank(sends, str) + f" (max {max(sends)})"
             )
             out.append(f"  messages per step (distinct other ranks each rank sends to): {per_rank}")
     out += ["", f"over the period ({s.period} steps):"]
@@ -90,7 +122,7 @@ def report(t: Topology) -> str:
     out.append(f"  per-step rate: {s.consensus_rate(per_step=True):.6g}")
     out.append(
         "  point-to-point messages per step, averaged: "
-        + ", ".join(f"rank {r}: {m / s.period:.3g}" for r, m in enumerate(avg))
+        + _per_rank((avg / s.period).tolist(), lambda m: f"{m:.3g}")
         + f"; all-reduces per period: {allreduces}"
     )
     return "\n".join(out)
@@ -111,7 +143,8 @@ def plot(t: Topology, path) -> None:
     for k, (ax, ph) in enumerate(zip(axes, phases)):
         G = nx.DiGraph()
         G.add_nodes_from(range(t.n))
-        G.add_edges_from((int(i), int(j)) for i, j in zip(*np.nonzero(ph.matrix)) if i != j)
+        rows, cols, _ = ph.entries()
+        G.add_edges_from((int(i), int(j)) for i, j in zip(rows.tolist(), cols.tolist()) if i != j)
         pos = nx.circular_layout(G)
         nx.draw_networkx(
             G, pos, ax=ax, node_color=colors, arrows=True, node_size=300, font_size=8, connectionstyle="arc3,rad=0.1"

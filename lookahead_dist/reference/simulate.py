@@ -363,16 +363,18 @@ class Reference:
         roles_arr = np.array([r == "fast" for r in roles])
         self._phases = []
         for ph in schedule.phases:
-            P = ph.matrix
-            off = (P != 0) & ~np.eye(n, dtype=bool)
-            mixes_roles = bool((off & (roles_arr[:, None] != roles_arr[None, :])).any())
-            Pt = torch.tensor(P.T, dtype=dtype)
+            # Read from the phase's stored entries, never an n x n array, except for a dense mixer (the per-agent
+            # path, or a dense phase): that one is limited to mixing.MAX_DENSE_AGENTS agents.
+            rows, cols, vals = ph.entries()
+            off = rows != cols
+            mixes_roles = bool((roles_arr[rows[off]] != roles_arr[cols[off]]).any())
             if ph.is_identity:
                 mixer = None
-            elif self.vectorized and np.count_nonzero(P) < SPARSE_DENSITY * n * n:
-                mixer = Pt.to_sparse_coo().coalesce()
+            elif self.vectorized and vals.size < SPARSE_DENSITY * n * n:
+                at, values = torch.from_numpy(np.stack([cols, rows])), torch.tensor(vals, dtype=dtype)  # P^T: (j, i)
+                mixer = torch.sparse_coo_tensor(at, values, (n, n), check_invariants=True).coalesce()
             else:
-                mixer = Pt
+                mixer = torch.tensor(ph.matrix.T, dtype=dtype)
             self._phases.append((mixer, mixes_roles))
 
     # -- construction helpers ------------------------------------------------------
