@@ -66,7 +66,11 @@ numbered node by node: rank r lives on node r // ranks_per_node):
 * **Step time.** blocking = compute + communication + combine (the
   communication waits for the backward pass, the next forward waits for it);
   overlapped = max(compute, communication) + combine (communication runs
-  behind the forward and backward pass, the combine cannot).
+  behind the forward and backward pass, the combine cannot). Where compute
+  and communication share the cores (the emulated cluster), the compute
+  also loses the CPU time of the traffic that runs beside it: a measured
+  contention term, seconds per byte of the step's traffic
+  (:func:`overlapped_step_time`; bench/overlap.py measures it).
 * **Consensus.** With per-step consensus rate rho (the spectral radius of the
   period product minus a 1^T, to the power 1/period), the consensus distance
   shrinks like rho^k: reaching eps takes ceil(log eps / log rho) steps; a
@@ -110,6 +114,7 @@ __all__ = [
     "phase_cost",
     "schedule_cost",
     "step_times",
+    "overlapped_step_time",
     "steps_to_consensus",
 ]
 
@@ -418,6 +423,11 @@ class ScheduleCost:
         return self._mean(lambda p: float(np.max(p.bytes_sent)) if len(p.bytes_sent) else 0.0)
 
     @property
+    def total_bytes(self) -> float:
+        """Mean bytes sent per step by all ranks together: the traffic the machines' CPUs move."""
+        return self._mean(lambda p: float(np.sum(p.bytes_sent)))
+
+    @property
     def cpu_limited(self) -> bool:
         return any(p.cpu_limited for p in self.phases)
 
@@ -445,9 +455,34 @@ def schedule_cost(
     return ScheduleCost(costs, [ph.repeat for ph in schedule.phases])
 
 
-def step_times(compute_s: float, comm_s: float, combine_s: float = 0.0) -> tuple[float, float]:
-    """(blocking, overlapped) step time: compute + comm + combine, and max(compute, comm) + combine."""
-    return compute_s + comm_s + combine_s, max(compute_s, comm_s) + combine_s
+def step_times(
+    compute_s: float, comm_s: float, combine_s: float = 0.0, contention_s: float = 0.0
+) -> tuple[float, float]:
+    """(blocking, overlapped) step time: compute + comm + combine, and :func:`overlapped_step_time`
+    (max(compute, comm) + combine when ``contention_s`` is 0)."""
+    if not contention_s:
+        return compute_s + comm_s + combine_s, max(compute_s, comm_s) + combine_s
+    return compute_s + comm_s + combine_s, overlapped_step_time(compute_s, comm_s, combine_s, contention_s)
+
+
+def overlapped_step_time(compute_s: float, comm_s: float, combine_s: float = 0.0, contention_s: float = 0.0) -> float:
+    """The step with its communication behind the compute, on CPUs that both share::
+
+        max(compute + contention, comm) + combine
+
+    ``contention_s`` is the compute time that the step's whole traffic takes away from the compute
+    when compute and communication share the cores (bytes x the measured seconds per byte; 0 where
+    each node's NIC has CPUs of its own). The traffic runs at the links' pace over ``comm_s``, so the
+    compute loses the share of it that runs while the compute does, compute' = compute + contention x
+    min(1, compute' / comm): all of it when compute + contention >= comm, else a part, and the compute
+    then ends before the traffic, which decides the step. The combine waits for both.
+    """
+    for name, v in (("compute_s", compute_s), ("comm_s", comm_s), ("combine_s", combine_s)):
+        if not (v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"{name}: must be a finite number >= 0, got {v!r}")
+    if not (contention_s >= 0 and math.isfinite(contention_s)):
+        raise ConfigError(f"contention_s: must be a finite number >= 0, got {contention_s!r}")
+    return max(compute_s + contention_s, comm_s) + combine_s
 
 
 def steps_to_consensus(

@@ -15,6 +15,7 @@ from lookahead_dist.costmodel import (
     Links,
     RankTraffic,
     hierarchical_allreduce_time,
+    overlapped_step_time,
     phase_cost,
     rank_traffic,
     ring_allreduce_time,
@@ -198,6 +199,42 @@ def test_symmetry_shortcut_gives_what_compiling_every_rank_gives():
 def test_step_times_blocking_and_overlapped():
     assert step_times(0.12, 0.05, 0.01) == pytest.approx((0.18, 0.13))
     assert step_times(0.02, 0.05, 0.01) == pytest.approx((0.08, 0.06))
+
+
+def test_overlapped_step_without_contention_is_the_longer_of_compute_and_comm_plus_combine():
+    assert overlapped_step_time(0.12, 0.05, 0.01) == pytest.approx(0.13)
+    assert overlapped_step_time(0.02, 0.05, 0.01) == pytest.approx(0.06)
+    assert step_times(0.12, 0.05, 0.01, 0.0)[1] == overlapped_step_time(0.12, 0.05, 0.01)
+
+
+def test_contention_slows_the_compute_by_the_traffic_it_runs_beside():
+    # compute 0.30 s, traffic 0.29 s that takes 0.12 s of CPU from the compute: the compute ends last
+    assert overlapped_step_time(0.30, 0.29, 0.02, 0.12) == pytest.approx(0.44)
+    assert step_times(0.30, 0.29, 0.02, 0.12) == pytest.approx((0.61, 0.44))
+    # traffic of 0.6 s beside a compute of 0.35 s taking 0.24 s of CPU: compute' = 0.35 / (1 - 0.24 / 0.6)
+    # = 0.583 s (it loses 0.4 of the CPU while the traffic runs) ends before the traffic, which decides
+    slowed = 0.35 / (1 - 0.24 / 0.6)
+    assert slowed == pytest.approx(0.35 + 0.24 * slowed / 0.6) and slowed < 0.6
+    assert overlapped_step_time(0.35, 0.6, 0.01, 0.24) == pytest.approx(0.61)
+    # the boundary: compute + contention = comm
+    assert overlapped_step_time(0.36, 0.6, 0.0, 0.24) == pytest.approx(0.6)
+    with pytest.raises(ConfigError, match="contention_s"):
+        overlapped_step_time(0.1, 0.1, 0.0, math.nan)
+    with pytest.raises(ConfigError, match="compute_s"):
+        overlapped_step_time(-0.1, 0.1)
+    with pytest.raises(ConfigError, match="comm_s"):
+        overlapped_step_time(0.1, math.inf)
+
+
+def test_total_bytes_is_every_rank_s_traffic_per_step():
+    # ring on 8 ranks: each sends 40 MB to both neighbours
+    assert cost(ring(8), 8, 1, Links(GBIT)).total_bytes == 8 * 80e6
+    # one-peer exponential: hops 1 and 2 send one buffer each; hop 4 is four 2-rank all-reduces,
+    # each rank sending 2 (2 - 1) / 2 of the buffer
+    c = cost(one_peer_exponential(8), 8, 1, Links(GBIT))
+    assert [float(np.sum(p.bytes_sent)) for p in c.phases] == [8 * MB40] * 3
+    assert c.total_bytes == 8 * MB40
+    assert c.total_bytes >= c.bytes_per_rank
 
 
 def test_steps_to_consensus():
