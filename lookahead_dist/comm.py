@@ -443,6 +443,26 @@ class Comm:
         with self.guard("all-gather"):
             fn(full, chunk)
 
+    def all_reduce_max(self, tensor: torch.Tensor, ranks: Sequence[int] | None = None) -> None:
+        """tensor <- its element-wise MAX over ``ranks`` (default: all), in place."""
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
+        with self.guard(f"max all-reduce over ranks {ranks}", ranks):
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group(ranks))
+
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int] | None = None) -> None:
+        """Both tensors hold len(ranks) equal chunks, one per rank of ``ranks`` (default: all) in rank order:
+        chunk j of ``inp`` goes to the j-th rank, and chunk j of ``out`` receives the j-th rank's chunk for us."""
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
+        with self.guard(f"all-to-all over ranks {ranks}", ranks):
+            dist.all_to_all_single(out, inp, group=self.group(ranks))
+
+    def all_gather_over(self, full: torch.Tensor, chunk: torch.Tensor, ranks: Sequence[int] | None = None) -> None:
+        """full <- the concatenation of the ``chunk`` of every rank of ``ranks`` (default: all), in rank order."""
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
+        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        with self.guard(f"all-gather over ranks {ranks}", ranks):
+            fn(full, chunk, group=self.group(ranks))
+
     def all_gather_object(self, obj) -> list:
         out = [None] * self.world_size
         with self.guard("all_gather_object"):
