@@ -320,3 +320,117 @@ def overlap_suite(rank, world, names, steps, slowmo_configs_, slowmo_steps):
     out["after_drop_step"] = opt.step_count
     comm.close()
     return out
+
+
+def _compress_inputs(rank, n, seed, scale=120.0, big=True):
+    """Values up to about ``scale`` (and beyond, for a few) with block-dependent magnitudes and (``big``) one
+    shared-sign stretch of 100+ that an int8 sum would overflow on."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * scale / 3
+    x *= torch.linspace(0.01, 1.0, n, dtype=torch.float64) ** 2  # blocks of very different magnitudes
+    if big:
+        x[: min(n, 50)] = 100.0 + rank  # 100+ on every rank: 4 x 100 in int8 would wrap
+    return x
+
+
+def compressed_syncs(rank, world):
+    """compressed_average_ / CompressedSync on one group: float32 against exact_average_, one int8 and one
+    bfloat16 round of odd lengths with push-sum-like weights, error feedback over many rounds, a resume, a
+    subgroup of ranks, and a non-finite value. Tensors come back for the test to compare with float64."""
+    from lookahead_dist.comm import Comm
+    from lookahead_dist.compress import CompressedSync, Residuals, compressed_average_
+    from lookahead_dist.engine import exact_average_
+    from lookahead_dist.errors import DivergenceError
+
+    comm = Comm(heartbeat=0)
+    comm.group([1, 2, 3])  # every rank creates the subgroup, in the same order
+    out = {}
+    weights = [1.0, 0.5, 2.0, 0.0]  # push-sum-like, a passive rank included
+    weight = weights[rank]
+
+    # float32 (and None): bitwise exact_average_, for float32 and float64 buffers
+    xs = [_compress_inputs(rank, n, 1).float() for n in (1, 4099, 10001)] + [_compress_inputs(rank, 77, 2)]
+    exact = [x.clone() for x in xs]
+    exact_average_(exact, weight, comm)
+    out["f32"] = {"exact": exact}
+    for dt in (None, "float32"):
+        bufs = [x.clone() for x in xs]
+        res = compressed_average_(bufs, weight, comm, sync_dtype=dt)
+        out["f32"][dt] = (bufs, res.bytes_sent, res.weight_sum)
+
+    # one round of int8 and bfloat16, no residual: lengths that are not multiples of W or of the block
+    sizes = (1, 3, 4097, 3 * 4096 * 4 + 5, 10001)
+    out["one_round"] = {"weights": weights, "sizes": sizes, "inputs": [_compress_inputs(rank, n, 3) for n in sizes]}
+    for dt in ("int8", "bfloat16"):
+        bufs = [x.float() if i % 2 else x.clone() for i, x in enumerate(out["one_round"]["inputs"])]
+        res = compressed_average_(bufs, weight, comm, sync_dtype=dt)
+        given = [x.clone() for x in bufs]
+        res_given = compressed_average_(given, weight, comm, sync_dtype=dt, weight_sum=res.weight_sum)
+        out["one_round"][dt] = (bufs, res.bytes_sent, res.weight_sum, res_given.bytes_sent)
+
+    # error feedback: running sums of the applied averages against the exact ones, with and without residuals
+    rounds, n = 40, 5001
+    out["ef"] = {}
+    for dt in ("int8", "bfloat16"):
+        for inputs in ("fixed", "random"):
+            for feedback in (True, False):
+                sync = CompressedSync(dt, error_feedback=feedback)
+                applied = torch.zeros(n, dtype=torch.float64)
+                true = torch.zeros(n, dtype=torch.float64)
+                errs, top = [], torch.zeros(n, dtype=torch.float64)
+                for t in range(rounds):
+                    x = _compress_inputs(rank, n, 10 + (t if inputs == "random" else 0), scale=3.0, big=False)
+                    torch.maximum(top, x.abs(), out=top)
+                    ref = [x.clone()]
+                    exact_average_(ref, 1.0, comm)
+                    buf = [x.float()]
+                    sync.average_(buf, 1.0, comm, weight_sum=world)
+                    applied += buf[0].double()
+                    true += ref[0]
+                    errs.append(float((applied - true).abs().max()))
+                out["ef"][(dt, inputs, feedback)] = {"errs": errs, "top": top, "applied": applied, "true": true}
+
+    # a resume mid-way: the residuals in state_dict make the rest bitwise
+    def rounds_of(sync, ts):
+        got = []
+        for t in ts:
+            buf = [_compress_inputs(rank, 3001, 50 + t, scale=2.0).float()]
+            sync.average_(buf, weight, comm)
+            got.append(buf[0])
+        return got
+
+    full = CompressedSync("int8")
+    first = rounds_of(full, range(3))
+    state = full.state_dict()
+    rest = rounds_of(full, range(3, 6))
+    resumed = CompressedSync("int8")
+    resumed.load_state_dict(state)
+    out["resume"] = {
+        "rest": rest,
+        "resumed": rounds_of(resumed, range(3, 6)),
+        "first": first,
+        "totals": (full.total_bytes_sent, resumed.total_bytes_sent, full.bytes_sent),
+        "fresh": rounds_of(CompressedSync("int8"), range(3, 6)),
+    }
+
+    # a subgroup: rank 0 takes no part
+    if rank != 0:
+        x = _compress_inputs(rank, 9000, 60)
+        buf = [x.clone()]
+        res = compressed_average_(buf, 1.0, comm, sync_dtype="int8", ranks=[3, 1, 2], residual=Residuals())
+        out["subset"] = {"x": x, "avg": buf[0], "bytes": res.bytes_sent}
+
+    # a non-finite value on one rank: every rank raises, and the group goes on
+    x = torch.ones(5000)
+    if rank == 2:
+        x[4321] = float("nan")
+    try:
+        compressed_average_([x], 1.0, comm, sync_dtype="int8")
+        out["nan"] = "no error"
+    except DivergenceError as exc:
+        out["nan"] = f"DivergenceError: {exc}"
+    after = [torch.full((10,), float(rank))]
+    compressed_average_(after, 1.0, comm, sync_dtype="int8")
+    out["after_nan"] = after[0]
+    comm.close()
+    return out
