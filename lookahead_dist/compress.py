@@ -43,7 +43,8 @@ The sync (W ranks, a buffer of n elements, in the order it runs):
    With one scale per block the ranks' int8 codes can be summed as integers.
    A non-finite value (or one beyond float32's range) makes a scale infinite
    on every rank, and every rank raises :class:`DivergenceError` at the same
-   point, before anything else is sent.
+   point, before anything else is sent. bfloat16 passes non-finite values
+   through to the average, as ``exact_average_`` does.
 4. Encode: int8 q = clamp(round(v / s), -127, 127) (round half to even); bf16:
    a cast (round to nearest even). The sent residual is e = v - D(q).
 5. All-to-all: chunk j of the codes goes to rank j, so each rank receives its
@@ -82,7 +83,7 @@ latency, not bytes). Per buffer, with c and m from :func:`block_layout`:
 
 plus ceil(16 (W - 1) / W) per call for the weight sum unless ``weight_sum`` is
 given. With full blocks (c = 4096 m) int8 sends 1/4 + 1.5/4096 of float32's
-bytes (0.2504), bf16 exactly 1/2 (n a multiple of W).
+bytes (0.2504), bf16 exactly 1/2 (when c = n / W, e.g. n = W c with c <= 4096).
 
 Relation to torchft. torchft's quantized all-reduce (its FP8 path) has the same
 shape: quantize, all-to-all of chunks, a reduction on the owner in higher
@@ -294,6 +295,8 @@ def compressed_average_(
         nbytes += _all_reduce_bytes(8, world)
     if not (math.isfinite(weight_sum) and weight_sum > 0):
         raise DivergenceError(f"compressed average: the weights sum to {weight_sum} over ranks {ranks}")
+    if comm.rank not in ranks:
+        raise ConfigError(f"ranks must include this rank ({comm.rank}) to take part in the average, got {ranks}")
     me = ranks.index(comm.rank)
     for i, buf in enumerate(buffers):
         if buf.numel():

@@ -120,6 +120,14 @@ def test_other_bad_arguments():
         compressed_average_([torch.zeros(3), torch.zeros(3, dtype=torch.long)], 1.0, None, sync_dtype="int8")
 
 
+def test_ranks_without_this_rank_are_refused_before_any_communication():
+    class NoComm:  # any collective would fail: it has none
+        rank, world_size = 0, 4
+
+    with pytest.raises(ConfigError, match=r"ranks must include this rank \(0\) .*got \[1, 2\]"):
+        compressed_average_([torch.zeros(3)], 1.0, NoComm(), sync_dtype="int8", weight_sum=2.0, ranks=[2, 1])
+
+
 def test_residuals_refuse_a_changed_layout_and_round_trip_through_a_state():
     res = Residuals()
     kept = res.for_buffer("owned", 0, 10, torch.float32, "cpu")
