@@ -375,9 +375,7 @@ def compressed_syncs(rank, world):
         for inputs in ("fixed", "random"):
             for feedback in (True, False):
                 sync = CompressedSync(dt, error_feedback=feedback)
-                applied = torch.zeros(n, dtype=torch.float64)
-                true = torch.zeros(n, dtype=torch.float64)
-                errs, top = [], torch.zeros(n, dtype=torch.float64)
+                applied, true, top, errs = *torch.zeros(3, n, dtype=torch.float64), []
                 for t in range(rounds):
                     x = _compress_inputs(rank, n, 10 + (t if inputs == "random" else 0), scale=3.0, big=False)
                     torch.maximum(top, x.abs(), out=top)
@@ -392,15 +390,13 @@ def compressed_syncs(rank, world):
 
     # a resume mid-way: the residuals in state_dict make the rest bitwise
     def rounds_of(sync, ts):
-        got = []
-        for t in ts:
-            buf = [_compress_inputs(rank, 3001, 50 + t, scale=2.0).float()]
+        bufs = [[_compress_inputs(rank, 3001, 50 + t, scale=2.0).float()] for t in ts]
+        for buf in bufs:
             sync.average_(buf, weight, comm)
-            got.append(buf[0])
-        return got
+        return [buf[0] for buf in bufs]
 
     full = CompressedSync("int8")
-    first = rounds_of(full, range(3))
+    rounds_of(full, range(3))
     state = full.state_dict()
     rest = rounds_of(full, range(3, 6))
     resumed = CompressedSync("int8")
@@ -408,7 +404,6 @@ def compressed_syncs(rank, world):
     out["resume"] = {
         "rest": rest,
         "resumed": rounds_of(resumed, range(3, 6)),
-        "first": first,
         "totals": (full.total_bytes_sent, resumed.total_bytes_sent, full.bytes_sent),
         "fresh": rounds_of(CompressedSync("int8"), range(3, 6)),
     }
@@ -422,8 +417,7 @@ def compressed_syncs(rank, world):
 
     # a non-finite value on one rank: every rank raises, and the group goes on
     x = torch.ones(5000)
-    if rank == 2:
-        x[4321] = float("nan")
+    x[4321] = float("nan") if rank == 2 else 1.0
     try:
         compressed_average_([x], 1.0, comm, sync_dtype="int8")
         out["nan"] = "no error"
