@@ -437,31 +437,21 @@ class Comm:
         with self.guard("reduce-scatter"):
             fn(out, full, op=dist.ReduceOp.SUM)
 
-    def all_gather_into(self, full: torch.Tensor, chunk: torch.Tensor) -> None:
-        """full <- the concatenation of every rank's ``chunk``, in rank order."""
+    def all_gather_into(self, full: torch.Tensor, chunk: torch.Tensor, ranks: Sequence[int] | None = None) -> None:
+        """full <- the concatenation of every rank's ``chunk`` (of ``ranks``, default all), in rank order."""
         fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        with self.guard("all-gather"):
-            fn(full, chunk)
+        with self.guard("all-gather" if ranks is None else f"all-gather over ranks {list(ranks)}", ranks):
+            fn(full, chunk, group=None if ranks is None else self.group(ranks))
 
-    def all_reduce_max(self, tensor: torch.Tensor, ranks: Sequence[int] | None = None) -> None:
-        """tensor <- its element-wise MAX over ``ranks`` (default: all), in place."""
-        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
-        with self.guard(f"max all-reduce over ranks {ranks}", ranks):
+    def all_reduce_max(self, tensor: torch.Tensor, ranks: Sequence[int]) -> None:
+        """tensor <- its element-wise MAX over ``ranks``, in place."""
+        with self.guard(f"max all-reduce over ranks {list(ranks)}", ranks):
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group(ranks))
 
-    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int] | None = None) -> None:
-        """Both tensors hold len(ranks) equal chunks, one per rank of ``ranks`` (default: all) in rank order:
-        chunk j of ``inp`` goes to the j-th rank, and chunk j of ``out`` receives the j-th rank's chunk for us."""
-        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
-        with self.guard(f"all-to-all over ranks {ranks}", ranks):
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int]) -> None:
+        """Chunk j of ``inp`` goes to the j-th rank of ``ranks`` (in rank order); chunk j of ``out`` comes from it."""
+        with self.guard(f"all-to-all over ranks {list(ranks)}", ranks):
             dist.all_to_all_single(out, inp, group=self.group(ranks))
-
-    def all_gather_over(self, full: torch.Tensor, chunk: torch.Tensor, ranks: Sequence[int] | None = None) -> None:
-        """full <- the concatenation of the ``chunk`` of every rank of ``ranks`` (default: all), in rank order."""
-        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
-        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        with self.guard(f"all-gather over ranks {ranks}", ranks):
-            fn(full, chunk, group=self.group(ranks))
 
     def all_gather_object(self, obj) -> list:
         out = [None] * self.world_size

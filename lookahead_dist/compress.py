@@ -346,9 +346,9 @@ def _sync_buffer(buf, index, weight, weight_sum, comm, ranks, me, sync_dtype, re
         scale2 = scales_from_absmax(block_absmax(avg, b))
         q2 = quantize_int8(avg, scale2)
         kept = avg - dequantize_int8(q2, scale2, work)
-        comm.all_gather_over(full, q2, ranks)
+        comm.all_gather_into(full, q2, ranks)
         scales = torch.empty(world * m, dtype=torch.float32, device=buf.device)
-        comm.all_gather_over(scales, scale2, ranks)
+        comm.all_gather_into(scales, scale2, ranks)
         nbytes += (world - 1) * (c + 4 * m)
         if not torch.isfinite(scales).all():
             raise DivergenceError(f"int8 sync of buffer {index}: the average is beyond float32's range")
@@ -356,7 +356,7 @@ def _sync_buffer(buf, index, weight, weight_sum, comm, ranks, me, sync_dtype, re
     else:
         q2 = avg.to(torch.bfloat16)
         kept = avg - q2.to(work)
-        comm.all_gather_over(full, q2, ranks)
+        comm.all_gather_into(full, q2, ranks)
         nbytes += (world - 1) * c * 2
         out = full.to(work)
     buf.copy_(out[:n].view(buf.shape))
