@@ -1,5 +1,8 @@
 """Run configuration: typed dataclasses filled from YAML and ``--set key.sub=value`` overrides.
 
+Length: over 500 lines, kept whole on purpose: one dataclass per section of the file and the check of
+every key beside it, so that a key, its default and its check are read and changed together.
+
 Every field has a default, so no file is needed: the defaults are the digits
 run (SlowMo over ring gossip on 4 CPU ranks, under two minutes). A file or an
 override may only name fields that exist; an unknown key or a value of the
