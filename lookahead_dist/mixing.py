@@ -648,7 +648,7 @@ class Phase:
             return True
         if self._avg is not None:
             avg = self._avg
-            return avg.b == n or s % (avg.b * avg.c) == 0 or (avg.a == 1 and s % avg.c == 0)
+            return avg.a == 1 or s % (avg.b * avg.c) == 0  # the groups i % c always; the blocks of b c agents
         rows, cols, vals = self.entries()  # sorted by (col, row)
         r2, c2 = (rows + s) % n, (cols + s) % n
         order = np.lexsort((r2, c2))
@@ -799,12 +799,18 @@ def _iterative_rate(s: "Schedule") -> float:
         if np.linalg.norm(w2) <= 1e-13 * np.sqrt(n):
             return 0.0
     op = splinalg.LinearOperator((n, n), matvec=apply, dtype=np.float64)
-    try:
-        vals = splinalg.eigs(op, k=1, which="LM", v0=v0, tol=1e-12, maxiter=max(1000, n), return_eigenvectors=False)
-    except splinalg.ArpackNoConvergence as exc:
-        vals = exc.eigenvalues
-        if not len(vals):
-            raise MixingError(f"the consensus rate of this schedule of {n} agents did not converge (ARPACK)") from None
+    try:  # a wide Krylov space: directed graphs have many eigenvalues of nearly the largest magnitude
+        vals = splinalg.eigs(
+            op, k=1, which="LM", v0=v0, ncv=min(n - 1, 128), tol=1e-12, maxiter=20 * n, return_eigenvectors=False
+        )
+    except splinalg.ArpackNoConvergence:
+        if n > MAX_DENSE_AGENTS:
+            raise MixingError(
+                f"the consensus rate of this schedule of {n} agents did not converge (ARPACK), and {n} agents "
+                f"exceed the dense fallback's limit MAX_DENSE_AGENTS = {MAX_DENSE_AGENTS}"
+            ) from None
+        Pi = s.period_product()
+        return consensus_rate(Pi.T if s.push_sum else Pi)
     return float(np.max(np.abs(vals)))
 
 
