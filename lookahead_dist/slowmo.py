@@ -1,4 +1,8 @@
-"""SlowMo: slow momentum on top of a base algorithm, the many-agent Lookahead.
+"""SlowMo: slow momentum on top of a base algorithm, the many-agent Lookahead; DiLoCo with ``outer=``.
+
+Length: about 600 lines, kept whole on purpose: the blocking, sharded, fragmented and overlapped
+slow steps share one layout (which slice of z, u and the outer optimizer each sync touches), and
+reading them side by side is how their equality with the reference engine is checked.
 
 Every ``tau`` base steps the workers' models are averaged exactly and the slow
 agents (a slow copy z beside each worker) take a momentum step (Wang, Tantia,
@@ -41,6 +45,30 @@ merge mixes the received global parameters with the local ones, here the local
 delta made since the send is added to the new slow model with weight 1. The
 reference engine's ``overlap_slow=True`` implements the same rule.
 
+Outer optimizer (DiLoCo). ``outer=factory`` replaces the rule above by any
+torch.optim optimizer over the slow copy: ``factory(params)`` receives one view
+of z per model parameter (the model's shapes, registration order; they alias z,
+nothing is copied) and at a slow step each receives the gradient z - x_bar,
+``outer.step()`` runs and the workers take z. Model buffers (BatchNorm
+statistics) are averaged and copied, never stepped. ``SGD(lr=alpha,
+momentum=beta)`` is the rule above while the inner learning rate is constant;
+``scale_by_gamma=True`` (gradient (z - x_bar) / gamma, the groups' lr times gamma
+for the step) makes it the rule for any schedule. Sharded, the optimizer sees
+this rank's flat slice of the first parameter group instead (element-wise
+optimizers only, :data:`lookahead_dist.outer.ELEMENTWISE`); its state is sharded
+with z. See :mod:`lookahead_dist.outer`.
+
+Fragments (Streaming DiLoCo). ``fragments=F`` cuts the parameters, in
+registration order, into F runs of nearly equal bytes ending at tensor
+boundaries; fragment f syncs (average, rule or outer step, workers <- z, on its
+slice only) at the end of the steps k with (k + 1 - floor(f tau / F)) mod tau = 0,
+with gamma the inner lr at the start of its own window. Model buffers sync with
+fragment 0. With push-sum and F > 1 the weights are not reset (the other
+fragments' numerators still need them): a synced fragment's de-biased model
+becomes z. F = 1 is the slow step above, bitwise. With ``overlap_slow`` each
+fragment's all-reduce runs behind the next step, applied with the same delay
+correction.
+
 Defaults, from the SlowMo paper's experiments: alpha = 1.0 (the paper's main
 setting), beta = 0.5 (the middle of its 0.4-0.7 range, good across its tasks),
 tau = 12 (its default period for local SGD on ImageNet), base-optimizer
@@ -59,9 +87,11 @@ from lookahead_dist.engine import AverageInFlight, exact_average_, start_exact_a
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.flat import flatten_module
 from lookahead_dist.optim_utils import STEP_KEY, WrapperOptimizer, saved_step_count
+from lookahead_dist.outer import build_outer, fragment_due, fragment_offsets, outer_step, split_fragments
 from lookahead_dist.validation import (
     OPTIMIZER_STATE_POLICIES,
     check_beta,
+    check_fragments,
     check_optimizer_state,
     check_slow_alpha,
     check_tau,
@@ -83,11 +113,30 @@ def slow_momentum_update(z, u, x_bar, *, alpha: float, beta: float, gamma: float
         zi.add_(ui, alpha=-alpha * gamma)
 
 
-def _check(tau, alpha, beta, optimizer_state, max_alpha):
+def _check(tau, alpha, beta, optimizer_state, max_alpha, outer, scale_by_gamma, fragments, shard):
+    """The arguments' checks; returns (alpha, beta, fragments), alpha and beta None with ``outer``."""
     check_tau(tau, "SlowMo: tau")
-    check_slow_alpha(alpha, "SlowMo: alpha", max_alpha=max_alpha)
-    check_beta(beta, "SlowMo: beta")
+    if outer is not None:
+        if alpha is not None or beta is not None:
+            raise ConfigError(
+                f"SlowMo: outer= replaces the slow-momentum rule, so alpha and beta must stay None with it "
+                f"(got alpha={alpha!r}, beta={beta!r}); set the outer optimizer's lr and momentum instead"
+            )
+    else:
+        if scale_by_gamma:
+            raise ConfigError("SlowMo: scale_by_gamma=True scales an outer optimizer, but outer is None")
+        alpha = check_slow_alpha(1.0 if alpha is None else alpha, "SlowMo: alpha", max_alpha=max_alpha)
+        beta = check_beta(0.5 if beta is None else beta, "SlowMo: beta")
     check_optimizer_state(optimizer_state, "SlowMo: optimizer_state")
+    fragments = check_fragments(fragments, tau, "SlowMo: fragments")
+    if fragments > 1 and shard:
+        raise ConfigError(f"SlowMo: fragments={fragments} and shard=True cannot be combined; choose one")
+    if fragments > 1 and optimizer_state != "keep":
+        raise ConfigError(
+            f"SlowMo: fragments={fragments} needs optimizer_state='keep' (a fragment's sync cannot "
+            f"{optimizer_state} the whole base optimizer's state), got {optimizer_state!r}"
+        )
+    return alpha, beta, fragments
 
 
 class SlowMo(WrapperOptimizer):
@@ -97,8 +146,8 @@ class SlowMo(WrapperOptimizer):
         optimizer: the base optimizer of this rank's model.
         model: this rank's model (its parameters become views of flat buffers).
         tau: base steps per slow step (default 12).
-        alpha: slow learning rate (default 1.0), in (0, max_alpha].
-        beta: slow momentum (default 0.5), in [0, 1).
+        alpha: slow learning rate (None: 1.0), in (0, max_alpha]; must be None with ``outer``.
+        beta: slow momentum (None: 0.5), in [0, 1); must be None with ``outer``.
         base: None for local SGD (or all-reduce SGD with DDP), else a gossip topology.
         optimizer_state: the base optimizer's state at a slow step: "keep" (default), "reset" or "average".
             (Formerly ``buffers=``, still accepted with a DeprecationWarning.)
@@ -109,6 +158,13 @@ class SlowMo(WrapperOptimizer):
         max_alpha: upper limit accepted for alpha (default 1).
         overlap: run the gossip base overlapped, in combine-then-adapt order (needs ``base``).
         overlap_slow: overlap the slow step's all-reduce with the next base step (delay-corrected).
+        outer: ``factory(params) -> torch.optim.Optimizer`` over views of the slow copy z (one per model
+            parameter, or this rank's flat slice when sharded): the slow step's optimizer, stepped with the
+            gradient z - x_bar (DiLoCo). Refused: optimizers that need a closure (LBFGS), sparse gradients
+            (SparseAdam), and, with ``shard`` or ``fragments`` > 1, any not element-wise.
+        scale_by_gamma: with ``outer``, step on (z - x_bar) / gamma with each group's lr times gamma
+            (gamma: the inner lr at the window's start); SGD(lr=alpha, momentum=beta) is then the rule.
+        fragments: sync the parameters in this many staggered fragments (1 <= fragments <= tau).
     """
 
     def __init__(
@@ -117,8 +173,8 @@ class SlowMo(WrapperOptimizer):
         model: torch.nn.Module,
         *,
         tau: int = 12,
-        alpha: float = 1.0,
-        beta: float = 0.5,
+        alpha: float | None = None,
+        beta: float | None = None,
         base=None,
         optimizer_state: str = "keep",
         shard: bool = False,
@@ -128,6 +184,9 @@ class SlowMo(WrapperOptimizer):
         buffers: str | None = None,
         overlap: bool = False,
         overlap_slow: bool = False,
+        outer=None,
+        scale_by_gamma: bool = False,
+        fragments: int = 1,
     ):
         if buffers is not None:
             warnings.warn(
@@ -142,7 +201,9 @@ class SlowMo(WrapperOptimizer):
                     f"buffers={buffers!r} disagree; pass optimizer_state only"
                 )
             optimizer_state = buffers
-        _check(tau, alpha, beta, optimizer_state, max_alpha)
+        alpha, beta, fragments = _check(
+            tau, alpha, beta, optimizer_state, max_alpha, outer, scale_by_gamma, fragments, shard
+        )
         if overlap and base is None:
             raise ConfigError(
                 "SlowMo: overlap=True overlaps the gossip of a base topology, but base is None (local SGD "
@@ -152,7 +213,8 @@ class SlowMo(WrapperOptimizer):
             raise ConfigError("SlowMo: overlap_slow=True and shard=True cannot be combined; choose one")
         super().__init__(optimizer)
         self.overlap, self.overlap_slow = bool(overlap), bool(overlap_slow)
-        self.tau, self.alpha, self.beta, self.shard = tau, float(alpha), float(beta), bool(shard)
+        self.tau, self.alpha, self.beta, self.shard = tau, alpha, beta, bool(shard)
+        self.fragments, self.scale_by_gamma = fragments, bool(scale_by_gamma)
         self.optimizer_state = optimizer_state
         self.comm = comm or Comm()
         self.model = model
@@ -182,16 +244,29 @@ class SlowMo(WrapperOptimizer):
         # Sharded: this rank keeps chunk r (of ceil(N/W) elements, zero-padded) of the first group.
         self._chunk = -(-values[0].numel() // self.comm.world_size) if self.shard else 0
         self.slow = [self._own_part(v, i).clone() for i, v in enumerate(values)]
-        self.momentum = [torch.zeros_like(z) for z in self.slow]
+        self.momentum = [torch.zeros_like(z) for z in self.slow] if outer is None else []
+        self._layout(model)
+        self.outer = None
+        if outer is not None:
+            why = (
+                "shard=True gives it flat slices of z"
+                if self.shard
+                else f"fragments={fragments} steps a part of its parameters at a time"
+                if fragments > 1
+                else ""
+            )
+            self.outer = build_outer(outer, self._outer_params, where="SlowMo", elementwise_only=why)
         self._pad = self._mine = None  # sharded slow step's scratch, allocated once
         self._slow_bytes = 0
         self.step_count = 0
-        self.gamma = self.base_lr()
+        self._offsets = fragment_offsets(tau, fragments)
+        self._gammas = [self.base_lr()] * fragments  # each fragment's gamma (its window's first inner lr)
         # overlapped slow step: the values sent, their average (in flight or done) and the window's gamma
         self._slow_avg: AverageInFlight | None = None
         self._slow_ready = False
         self._slow_sent = self._slow_red = None
-        self._slow_gamma = self.gamma
+        self._slow_gamma, self._slow_frag = self.gamma, 0
+        self._slow_scratch: dict[int, tuple] = {}  # fragment -> (sent, reduced) buffers, allocated once
         if self.overlap_slow:
             self.comm.group(range(self.comm.world_size), channel="slow")  # every rank, at construction
 
@@ -215,11 +290,92 @@ class SlowMo(WrapperOptimizer):
             return self._padded(v.detach())[r * self._chunk : (r + 1) * self._chunk]
         return v.detach()
 
+    def _layout(self, model: torch.nn.Module) -> None:
+        """Which slices of the flat groups each fragment syncs, and the outer optimizer's views of z.
+
+        ``self._parts[f]``: (group, lo, hi) per flat group fragment f touches (buffer groups: fragment 0);
+        ``self._outer_params``: the views of z given to the outer factory, registration order;
+        ``self._outer_map[f]``: (part, offset, numel, shape) of each of fragment f's outer parameters
+        inside its parts, and ``self._outer_range[f]`` their indices in ``_outer_params``.
+        """
+        values, nparam = self._values(), len(self.flat.params)
+        where = {}
+        for g, group in enumerate(self.flat.params):
+            off = 0
+            for t in group.tensors:
+                where[id(t)] = (g, off, t.numel(), tuple(t.shape))
+                off += t.numel()
+        units = [where[id(p)] for p in model.parameters() if id(p) in where]
+        sizes = [n * values[g].element_size() for g, _, n, _ in units]
+        bounds = split_fragments(sizes, self.fragments, where="SlowMo: fragments")
+        buffers = [(g, 0, values[g].numel()) for g in range(nparam, len(values))]
+        self._parts, self._outer_map, self._outer_range, self._nparam_parts = [], [], [], []
+        for f in range(self.fragments):
+            members = units[bounds[f] : bounds[f + 1]]
+            if self.fragments == 1:
+                parts = [(g, 0, values[g].numel()) for g in range(nparam)]
+            else:
+                groups = sorted({g for g, *_ in members})
+                parts = [
+                    (g, min(o for h, o, *_ in members if h == g), max(o + n for h, o, n, _ in members if h == g))
+                    for g in groups
+                ]
+            index = {g: i for i, (g, _, _) in enumerate(parts)}
+            self._nparam_parts.append(len(parts))
+            self._parts.append(parts + (buffers if f == 0 else []))
+            self._outer_map.append([(index[g], o - parts[index[g]][1], n, s) for g, o, n, s in members])
+            self._outer_range.append((bounds[f], bounds[f + 1]))
+        if not self.shard:
+            self._outer_params = [self.slow[g][o : o + n].view(s) for g, o, n, s in units]
+        else:  # one flat parameter: this rank's slice of group 0; other groups per tensor
+            rest = [u for u in units if u[0] != 0]
+            self._outer_params = [self.slow[0]] + [self.slow[g][o : o + n].view(s) for g, o, n, s in rest]
+            self._outer_map = [[(0, 0, self.slow[0].numel(), (self.slow[0].numel(),))] + rest]
+            self._outer_range = [(0, len(self._outer_params))]
+
+    def _part(self, tensors: list[torch.Tensor], f: int) -> list[torch.Tensor]:
+        """Fragment f's slices of per-group tensors (the model's values, z, u): the tensors themselves if F = 1."""
+        if self.fragments == 1:
+            return list(tensors)
+        return [tensors[g][lo:hi] for g, lo, hi in self._parts[f]]
+
+    @property
+    def gamma(self) -> float:
+        """The inner learning rate at the start of the current window (fragment 0's with fragments)."""
+        return self._gammas[0]
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gammas[0] = float(value)
+
+    def _update_slow(self, f: int, x_bar: list[torch.Tensor], gamma: float) -> None:
+        """z <- the slow step from x_bar on fragment f (the rule, or the outer optimizer); x_bar is scratch."""
+        zs = self._part(self.slow, f)
+        if self.outer is None:
+            us = self._part(self.momentum, f)
+            slow_momentum_update(zs, us, x_bar, alpha=self.alpha, beta=self.beta, gamma=gamma)
+            return
+        nparam = self._nparam_parts[f]
+        for i, (z, x) in enumerate(zip(zs, x_bar)):
+            if i < nparam:
+                torch.sub(z, x, out=x)  # the pseudo-gradient z - x_bar, in the scratch
+            else:
+                z.copy_(x)  # model buffers: averaged, not stepped
+        grads = [x_bar[i][o : o + n].view(s) for i, o, n, s in self._outer_map[f]]
+        lo, hi = self._outer_range[f]
+        outer_step(self.outer, self._outer_params[lo:hi], grads, gamma=gamma if self.scale_by_gamma else None)
+
+    def _count(self, sent: list[torch.Tensor]) -> None:
+        # a ring all-reduce, or reduce-scatter + all-gather, sends 2 (p - 1) / p of each buffer
+        p = self.comm.world_size
+        self._slow_bytes += sum(2 * (p - 1) * v.numel() * v.element_size() // p for v in sent)
+
     # -- the step ---------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        if self.step_count % self.tau == 0:
-            self.gamma = self.base_lr()
+        for f, o in enumerate(self._offsets):
+            if (self.step_count - o) % self.tau == 0 or self.step_count == 0:
+                self._gammas[f] = self.base_lr()
         if self.base is not None and self.base.overlap:
             loss = None
             if closure is not None:
@@ -239,22 +395,23 @@ class SlowMo(WrapperOptimizer):
         self.step_count += 1
         if self._slow_avg is not None:
             self._apply_slow()
-        if self.step_count % self.tau == 0:
+        f = fragment_due(self.step_count, self.tau, self._offsets)
+        if f is not None:
             if self.overlap_slow:
-                self._start_slow()
+                self._start_slow(f)
             else:
-                self._slow_step()
+                self._slow_step(f)
         if self.base is not None and self.base.overlap:
             self.base._begin()
         return loss
 
     # -- the overlapped slow step ----------------------------------------------------
-    def _start_slow(self) -> None:
-        """x_sent <- x; start the all-reduce of the workers' average on its own channel."""
-        values = self._values()
-        if self._slow_sent is None:
-            self._slow_sent = [torch.empty_like(v) for v in values]
-            self._slow_red = [torch.empty_like(v) for v in values]
+    def _start_slow(self, f: int = 0) -> None:
+        """x_sent <- fragment f of x; start the all-reduce of the workers' average on its own channel."""
+        values = self._part(self._values(), f)
+        if f not in self._slow_scratch:
+            self._slow_scratch[f] = ([torch.empty_like(v) for v in values], [torch.empty_like(v) for v in values])
+        self._slow_sent, self._slow_red = self._slow_scratch[f]
         for sent, red, v in zip(self._slow_sent, self._slow_red, values):
             sent.copy_(v)
             red.copy_(v)
@@ -262,22 +419,20 @@ class SlowMo(WrapperOptimizer):
         weight_sum = None if self.push_sum else self.comm.world_size
         self._slow_avg = start_exact_average(self._slow_red, weight, self.comm, weight_sum=weight_sum, channel="slow")
         self._slow_ready = False
-        self._slow_gamma = self.gamma
+        self._slow_gamma, self._slow_frag = self._gammas[f], f
 
     def _apply_slow(self) -> None:
-        """Wait for the average, take the slow-momentum step, x <- z + (x - x_sent)."""
+        """Wait for the average, take the slow step, x <- z + (x - x_sent) on the fragment sent."""
         if not self._slow_ready:
             self._slow_avg.finish()
         self._slow_avg, self._slow_ready = None, False
-        values = self._values()
-        p = self.comm.world_size
-        self._slow_bytes += sum(2 * (p - 1) * v.numel() * v.element_size() // p for v in values)
-        slow_momentum_update(
-            self.slow, self.momentum, self._slow_red, alpha=self.alpha, beta=self.beta, gamma=self._slow_gamma
-        )
-        for v, sent, z in zip(values, self._slow_sent, self.slow):
+        f = self._slow_frag
+        values = self._part(self._values(), f)
+        self._count(values)
+        self._update_slow(f, self._slow_red, self._slow_gamma)
+        for v, sent, z in zip(values, self._slow_sent, self._part(self.slow, f)):
             v.sub_(sent).add_(z)
-        if self.push_sum:
+        if self.push_sum and self.fragments == 1:
             self.flat.params[0].buffer[-1] = 1.0
         self._buffers_at_slow_step()
 
@@ -287,8 +442,8 @@ class SlowMo(WrapperOptimizer):
             self._slow_avg.finish()
             self._slow_ready = True
 
-    def _slow_step(self) -> None:
-        """x_bar, then the slow-momentum rule, then every worker <- z; the model's own buffers are the scratch."""
+    def _slow_step(self, f: int = 0) -> None:
+        """x_bar, then the slow step, then every worker <- z (fragment f); the model's own buffers are the scratch."""
         values = self._values()
         # x_bar: push-sum weights sum in one float64 all-reduce (the slot is not sharded); else the sum is W.
         weight = float(self.flat.params[0].buffer[-1]) if self.push_sum else 1.0
@@ -304,19 +459,18 @@ class SlowMo(WrapperOptimizer):
             exact_average_([self._pad] + values[1:], weight, self.comm, weight_sum=weight_sum, shard_out=self._mine)
             x_bar = [self._mine] + values[1:]
         else:
+            values = self._part(values, f)
             exact_average_(values, weight, self.comm, weight_sum=weight_sum)
             x_bar = values
-        p = self.comm.world_size
-        # a ring all-reduce, or reduce-scatter + all-gather, sends 2 (p - 1) / p of each buffer
-        self._slow_bytes += sum(2 * (p - 1) * v.numel() * v.element_size() // p for v in values)
-        slow_momentum_update(self.slow, self.momentum, x_bar, alpha=self.alpha, beta=self.beta, gamma=self.gamma)
+        self._count(values)
+        self._update_slow(f, x_bar, self._gammas[f])
         if self.shard:
             self.comm.all_gather_into(self._pad, self.slow[0])
             values[0].copy_(self._pad[: values[0].numel()])
-        for i, (v, z) in enumerate(zip(values, self.slow)):
+        for i, (v, z) in enumerate(zip(values, self._part(self.slow, f))):
             if not (self.shard and i == 0):
                 v.copy_(z)
-        if self.push_sum:
+        if self.push_sum and self.fragments == 1:
             self.flat.params[0].buffer[-1] = 1.0
         self._buffers_at_slow_step()
 
@@ -349,12 +503,18 @@ class SlowMo(WrapperOptimizer):
             "shard": self.shard,
             "world_size": self.comm.world_size,
         }
+        if self.fragments > 1:
+            own["fragments"], own["gammas"] = self.fragments, list(self._gammas)
+        if self.outer is not None:
+            own["outer"] = self.outer.state_dict()
         if self._slow_avg is not None:
             own["pending_slow"] = {
                 "sent": [t.clone() for t in self._slow_sent],
                 "x_bar": [t.clone() for t in self._slow_red],
                 "gamma": self._slow_gamma,
             }
+            if self.fragments > 1:
+                own["pending_slow"]["fragment"] = self._slow_frag
         if self.base is not None:
             base = self.base.state_dict()
             return {"inner": base["inner"], "slowmo": own, "base": base["decentralized"]}
@@ -372,6 +532,12 @@ class SlowMo(WrapperOptimizer):
                 f"SlowMo checkpoint: written with world size {own['world_size']} and shard={own['shard']}, "
                 f"loading with world size {self.comm.world_size} and shard={self.shard}"
             )
+        if own.get("fragments", 1) != self.fragments or ("outer" in own) != (self.outer is not None):
+            raise ConfigError(
+                f"SlowMo checkpoint: written with fragments={own.get('fragments', 1)} and "
+                f"{'an' if 'outer' in own else 'no'} outer optimizer, loading with fragments={self.fragments} "
+                f"and {'an' if self.outer is not None else 'no'} outer optimizer"
+            )
         step_count = saved_step_count(own, "SlowMo.load_state_dict")
         if self.base is not None:
             self.base.load_state_dict({"inner": state_dict["inner"], "decentralized": state_dict["base"]})
@@ -379,7 +545,10 @@ class SlowMo(WrapperOptimizer):
             self.optimizer.load_state_dict(state_dict["inner"])
             for dst, src in zip(self.flat.tensors(), state_dict["model"]):
                 dst.copy_(src)
-        self.step_count, self.gamma = step_count, float(own["gamma"])
+        self.step_count = step_count
+        self._gammas = [float(g) for g in own.get("gammas", [own["gamma"]])]
+        if self.outer is not None:
+            self.outer.load_state_dict(own["outer"])
         self.tau, self.alpha, self.beta = own["tau"], own["alpha"], own["beta"]
         for dst, src in zip(self.slow + self.momentum, own["slow"] + own["momentum"]):
             dst.copy_(src)
@@ -395,7 +564,7 @@ class SlowMo(WrapperOptimizer):
                 )
             self._slow_sent = [t.clone() for t in pending["sent"]]
             self._slow_red = [t.clone() for t in pending["x_bar"]]
-            self._slow_gamma = float(pending["gamma"])
+            self._slow_gamma, self._slow_frag = float(pending["gamma"]), int(pending.get("fragment", 0))
             self._slow_avg, self._slow_ready = AverageInFlight(self._slow_red, None, False, None, None), True
 
     @torch.no_grad()
@@ -420,5 +589,6 @@ class SlowMo(WrapperOptimizer):
         base = self.base.topology.name if self.base is not None else "local"
         return (
             f"SlowMo(tau={self.tau}, alpha={self.alpha}, beta={self.beta}, base={base}, shard={self.shard}, "
-            f"overlap={self.overlap}, overlap_slow={self.overlap_slow})"
+            f"overlap={self.overlap}, overlap_slow={self.overlap_slow}, fragments={self.fragments}, "
+            f"outer={type(self.outer).__name__ if self.outer is not None else None})"
         )

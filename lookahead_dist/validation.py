@@ -60,6 +60,7 @@ __all__ = [
     "OPTIMIZER_STATE_POLICIES",
     "check_beta",
     "check_choice",
+    "check_fragments",
     "check_int",
     "check_lookahead_alpha",
     "check_mixing_alpha",
@@ -139,6 +140,13 @@ def check_slow_alpha(value, name: str = "alpha", *, max_alpha: float = 1.0, erro
 def check_beta(value, name: str = "beta", *, error: ErrorType = ConfigError) -> float:
     """Slow momentum: [0, 1)."""
     return check_real(value, name, "lie in [0, 1)", lambda v: 0.0 <= v < 1.0, error=error)
+
+
+def check_fragments(value, tau: int, name: str = "fragments", *, error: ErrorType = ConfigError) -> int:
+    """Streaming fragments of a slow step: an integer in [1, tau] (at most one fragment syncs per step)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= tau:
+        raise _fail(error, name, f"be an integer in [1, tau] = [1, {tau}]", value)
+    return int(value)
 
 
 def check_choice(value, name: str, choices: Sequence, *, error: ErrorType = ConfigError):
