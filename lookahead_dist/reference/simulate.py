@@ -105,9 +105,11 @@ from torch import Tensor
 
 from lookahead_dist.errors import ConfigError, MixingError
 from lookahead_dist.mixing import Schedule
+from lookahead_dist.outer import build_outer, fragment_due, fragment_offsets, outer_step, split_fragments
 from lookahead_dist.validation import (
     OPTIMIZER_STATE_POLICIES,
     check_beta,
+    check_fragments,
     check_int,
     check_optimizer_state,
     check_slow_alpha,
@@ -129,21 +131,60 @@ class SlowMomentum:
     """SlowMo's outer rule: every ``tau`` steps, u <- beta u + (z - x_bar)/gamma; z <- z - alpha gamma u.
 
     With beta = 0 it is the matrix step z, fast agents <- (1 - alpha) z + alpha x_bar.
-    alpha lies in (0, max_alpha], as :class:`~lookahead_dist.slowmo.SlowMo`'s does.
+    alpha (None: 1.0) lies in (0, max_alpha], as :class:`~lookahead_dist.slowmo.SlowMo`'s does;
+    beta is None: 0.5.
+
+    ``outer``: a factory ``params -> torch.optim.Optimizer`` that replaces the rule (alpha and beta
+    stay None): at a slow step each parameter gets the gradient z - x_bar and the optimizer steps
+    (``scale_by_gamma``: on (z - x_bar) / gamma with the lr times gamma, as in SlowMo). The
+    parameters are views of z: one per shape of ``param_shapes`` (the model's parameter shapes,
+    in registration order, numels summing to d), so that even shape-dependent optimizers see
+    what the distributed :class:`~lookahead_dist.slowmo.SlowMo` gives them; without
+    ``param_shapes``, one 1-D view per fragment ([z] itself when fragments = 1), which equals
+    SlowMo's per-parameter split only for element-wise optimizers.
+
+    ``fragments`` (1 <= F <= tau): fragment f, a run of ``param_shapes`` of nearly equal size
+    (without them: elements f d / F .. (f + 1) d / F), syncs at the end of the steps k with
+    (k + 1 - floor(f tau / F)) mod tau = 0; see :mod:`lookahead_dist.outer`.
     """
 
-    alpha: float = 1.0
-    beta: float = 0.5
+    alpha: Optional[float] = None
+    beta: Optional[float] = None
     tau: int = 12
     max_alpha: float = 1.0
+    outer: Optional[Callable] = None
+    scale_by_gamma: bool = False
+    fragments: int = 1
+    param_shapes: Optional[Sequence] = None
 
     def __post_init__(self):
+        if self.outer is None:
+            self.alpha = 1.0 if self.alpha is None else self.alpha
+            self.beta = 0.5 if self.beta is None else self.beta
         self.validate()
 
     def validate(self) -> None:
-        check_slow_alpha(self.alpha, "slow_momentum.alpha", max_alpha=self.max_alpha)
-        check_beta(self.beta, "slow_momentum.beta")
         check_tau(self.tau, "slow_momentum.tau")
+        if self.outer is not None:
+            if self.alpha is not None or self.beta is not None:
+                raise ConfigError(
+                    "slow_momentum: outer replaces the slow-momentum rule, so alpha and beta must stay None "
+                    f"with it (got alpha={self.alpha!r}, beta={self.beta!r})"
+                )
+            if not callable(self.outer):
+                raise ConfigError(f"slow_momentum.outer: must be a callable params -> Optimizer, got {self.outer!r}")
+        else:
+            check_slow_alpha(self.alpha, "slow_momentum.alpha", max_alpha=self.max_alpha)
+            check_beta(self.beta, "slow_momentum.beta")
+            if self.scale_by_gamma:
+                raise ConfigError("slow_momentum.scale_by_gamma: True scales an outer optimizer, but outer is None")
+        check_fragments(self.fragments, self.tau, "slow_momentum.fragments")
+        if self.param_shapes is not None:
+            for i, shape in enumerate(self.param_shapes):
+                if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+                    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+                ):
+                    raise ConfigError(f"slow_momentum.param_shapes[{i}]: must be a tuple of ints >= 0, got {shape!r}")
 
 
 @dataclass
@@ -151,7 +192,8 @@ class PendingSlow:
     """An overlapped slow step in flight (see ``overlap_slow``): what was sent at the end of step ``step``.
 
     ``numerators`` (n, d) and ``weights`` ((n,), or None without push-sum) are the
-    agents as sent; ``gamma`` is the fast ``lr`` of the window that ended there.
+    agents as sent; ``gamma`` is the fast ``lr`` of the window that ended there; ``fragment``
+    the fragment synced (0 without fragments).
     It is applied at the end of step ``step + 1``.
     """
 
@@ -159,6 +201,7 @@ class PendingSlow:
     numerators: Tensor
     weights: Optional[Tensor]
     gamma: float
+    fragment: int = 0
 
 
 @dataclass
@@ -286,6 +329,11 @@ class Reference:
             if not isinstance(slow_momentum, SlowMomentum):
                 raise ConfigError(f"slow_momentum: must be a SlowMomentum or None, got {slow_momentum!r}")
             slow_momentum.validate()
+            if slow_momentum.fragments > 1 and optimizer_state != "keep":
+                raise ConfigError(
+                    f"optimizer_state: fragments={slow_momentum.fragments} needs 'keep' (a fragment's sync cannot "
+                    f"{optimizer_state} the whole base optimizer's state), got {optimizer_state!r}"
+                )
         if record_every is not None:
             check_int(record_every, "record_every")
         steps_set = {check_int(s, "record_steps[i]", low=0) for s in record_steps or ()}
@@ -342,9 +390,10 @@ class Reference:
                     raise ConfigError("x0: with slow_momentum every slow agent must start from the same row")
             else:
                 z0 = X0[self.fast].mean(dim=0)
-            self._z, self._u, self._gamma = z0, torch.zeros_like(z0), None
+            self._z, self._u = z0, torch.zeros_like(z0)
+            self._slow_layout(slow_momentum)
         else:
-            self._z = self._u = self._gamma = None
+            self._z = self._u = self._outer = None
 
         self._leaves = [torch.zeros(self.d, dtype=dtype) for _ in self.fast]
         self._opts = [self._make_opt(optimizer_factory, [p]) for p in self._leaves]
@@ -444,7 +493,12 @@ class Reference:
         if p is None:
             return None
         w = None if p.weights is None else p.weights.clone()
-        return PendingSlow(p.step, p.numerators.clone(), w, p.gamma)
+        return PendingSlow(p.step, p.numerators.clone(), w, p.gamma, p.fragment)
+
+    @property
+    def outer(self) -> Optional[torch.optim.Optimizer]:
+        """The outer optimizer over z built from ``slow_momentum.outer`` (None without it)."""
+        return self._outer
 
     @property
     def optimizers(self) -> List[torch.optim.Optimizer]:
@@ -474,12 +528,15 @@ class Reference:
         k, sm = self._k, self.slow_momentum
         mixer, mixes_roles = self._phases[self.schedule.phase_index(k)]
         combine_first = self.order == "combine_then_adapt"
-        if sm is not None and k % sm.tau == 0:
-            self._gamma = self._lr()
-            if not self._gamma > 0.0:
-                raise ConfigError(
-                    f"slow_momentum: needs a positive fast learning rate, got lr={self._gamma!r} at step {k}"
-                )
+        if sm is not None:
+            for f, o in enumerate(self._offsets):
+                if k == 0 or (k - o) % sm.tau == 0:
+                    self._gammas[f] = self._lr()
+                    if not self._gammas[f] > 0.0 and (sm.outer is None or sm.scale_by_gamma):
+                        raise ConfigError(
+                            f"slow_momentum: needs a positive fast learning rate, got lr={self._gammas[f]!r} "
+                            f"at step {k}"
+                        )
         with torch.no_grad():
             if not combine_first:
                 self._update.copy_(self._x)  # x before the base step; minus x after it below
@@ -502,15 +559,16 @@ class Reference:
             if mixer is not None and not combine_first:
                 self._mix(mixer)
             slow_step = mixes_roles
+            due = None if sm is None else fragment_due(k + 1, sm.tau, self._offsets)
             if sm is not None and self.overlap_slow:
                 if self._pending is not None:
                     self._apply_pending_slow()
                     slow_step = True
-                if (k + 1) % sm.tau == 0:
+                if due is not None:
                     w = None if self._w is None else self._w.clone()
-                    self._pending = PendingSlow(k, self._x.clone(), w, self._gamma)
-            elif sm is not None and (k + 1) % sm.tau == 0:
-                self._slow_momentum_step()
+                    self._pending = PendingSlow(k, self._x.clone(), w, self._gammas[due], due)
+            elif due is not None:
+                self._slow_momentum_step(due)
                 slow_step = True
             if slow_step:
                 self._sync_buffers()
@@ -559,18 +617,78 @@ class Reference:
         if self.push_sum:
             self._w = torch.mm(mixer, self._w.unsqueeze(1)).squeeze(1)
 
-    def _outer_step(self, x: Tensor, w: Optional[Tensor], gamma: float) -> None:
-        """u <- beta u + (z - x_bar) / gamma;  z <- z - alpha gamma u, x_bar the fast agents' exact average in x."""
-        sm = self.slow_momentum
-        if self.push_sum:
-            x_bar = x[self.fast].sum(dim=0) / w[self.fast].sum()
+    def _slow_layout(self, sm: SlowMomentum) -> None:
+        """Fragments' element ranges, their sync offsets, and the outer optimizer over views of z."""
+        F, d = sm.fragments, self.d
+        if sm.param_shapes is not None:
+            shapes = [tuple(int(s) for s in shape) for shape in sm.param_shapes]
+            sizes = [math.prod(shape) for shape in shapes]
+            if sum(sizes) != d:
+                raise ConfigError(f"slow_momentum.param_shapes: their sizes sum to {sum(sizes)}, not d = {d}")
+            bounds = split_fragments(sizes, F, where="slow_momentum.fragments")
+            starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+            self._frags = [(starts[bounds[f]], starts[bounds[f + 1]]) for f in range(F)]
+            self._outer_range = [(bounds[f], bounds[f + 1]) for f in range(F)]
+            units = [(starts[i], sizes[i], shapes[i]) for i in range(len(sizes))]
         else:
-            x_bar = x[self.fast].mean(dim=0)
-        self._u = sm.beta * self._u + (self._z - x_bar) / gamma
-        self._z = self._z - sm.alpha * gamma * self._u
+            if F > d:
+                raise ConfigError(f"slow_momentum.fragments: {F} fragments need d >= {F}, got d = {d}")
+            self._frags = [(f * d // F, (f + 1) * d // F) for f in range(F)]
+            self._outer_range = [(f, f + 1) for f in range(F)]
+            units = [(lo, hi - lo, (hi - lo,)) for lo, hi in self._frags]
+        self._units = units
+        self._offsets = fragment_offsets(sm.tau, F)
+        self._gammas: List[Optional[float]] = [None] * F
+        self._outer = None
+        if sm.outer is not None:
+            params = (
+                [self._z] if F == 1 and sm.param_shapes is None else [self._z[o : o + n].view(s) for o, n, s in units]
+            )
+            why = f"fragments={F} steps a part of its parameters at a time" if F > 1 else ""
+            self._outer = build_outer(sm.outer, params, where="slow_momentum.outer", elementwise_only=why)
+            self._outer_params = params
 
-    def _slow_momentum_step(self) -> None:
-        self._outer_step(self._x, self._w, self._gamma)
+    def _outer_step(self, x: Tensor, w: Optional[Tensor], gamma: float, f: int = 0) -> None:
+        """The slow step of fragment f from the fast agents' exact average x_bar in x (the rule or the outer).
+
+        Rule: u <- beta u + (z - x_bar) / gamma;  z <- z - alpha gamma u (on the fragment's slice).
+        """
+        sm = self.slow_momentum
+        lo, hi = self._frags[f]
+        xs = x if sm.fragments == 1 else x[:, lo:hi]
+        if self.push_sum:
+            x_bar = xs[self.fast].sum(dim=0) / w[self.fast].sum()
+        else:
+            x_bar = xs[self.fast].mean(dim=0)
+        if sm.outer is None and sm.fragments == 1:
+            self._u = sm.beta * self._u + (self._z - x_bar) / gamma
+            self._z = self._z - sm.alpha * gamma * self._u
+        elif sm.outer is None:
+            self._u[lo:hi] = sm.beta * self._u[lo:hi] + (self._z[lo:hi] - x_bar) / gamma
+            self._z[lo:hi] = self._z[lo:hi] - sm.alpha * gamma * self._u[lo:hi]
+        else:
+            delta = self._z[lo:hi] - x_bar  # the pseudo-gradient
+            a, b = self._outer_range[f]
+            grads = [delta[o - lo : o - lo + n].view(s) for o, n, s in self._units[a:b]]
+            if sm.fragments == 1 and sm.param_shapes is None:
+                grads = [delta]
+            scale = gamma if sm.scale_by_gamma else None
+            outer_step(self._outer, self._outer_params[a:b], grads, gamma=scale)
+
+    def _set_fragment(self, f: int, values: Tensor) -> None:
+        """Every agent's de-biased model on fragment f <- ``values`` (broadcast); the weights are kept."""
+        lo, hi = self._frags[f]
+        if self.push_sum:
+            self._x[:, lo:hi] = values * self._w.unsqueeze(1)
+        else:
+            self._x[:, lo:hi] = values
+
+    def _slow_momentum_step(self, f: int = 0) -> None:
+        self._outer_step(self._x, self._w, self._gammas[f], f)
+        if self.slow_momentum.fragments > 1:
+            lo, hi = self._frags[f]
+            self._set_fragment(f, self._z[lo:hi])
+            return
         self._x.copy_(self._z.expand_as(self._x))
         if self.push_sum:
             self._w = torch.ones_like(self._w)
@@ -578,8 +696,14 @@ class Reference:
     def _apply_pending_slow(self) -> None:
         """The overlapped slow step: z from what was sent; every agent <- z + (its model now - its model sent)."""
         sent, self._pending = self._pending, None
-        self._outer_step(sent.numerators, sent.weights, sent.gamma)
+        f = sent.fragment
+        self._outer_step(sent.numerators, sent.weights, sent.gamma, f)
         z_sent = sent.numerators / sent.weights.unsqueeze(1) if self.push_sum else sent.numerators
+        if self.slow_momentum.fragments > 1:
+            lo, hi = self._frags[f]
+            delta = self._debiased()[:, lo:hi] - z_sent[:, lo:hi]
+            self._set_fragment(f, self._z[lo:hi] + delta)
+            return
         delta = self._debiased() - z_sent  # the local progress made while the sync was in flight
         self._x.copy_(self._z + delta)  # in place: the vectorized optimizer holds this tensor
         if self.push_sum:
