@@ -112,27 +112,41 @@ def _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=None, state=None):
         net = DistributedDataParallel(model)
     else:
         net = model
-    inner = sgd(model.parameters(), lr)
+    inner = (
+        sgd(model.parameters(), lr)
+        if cfg.get("inner") is None
+        else optimizer_from_spec(cfg["inner"], lr=lr)(model.parameters())
+    )
+    extra = {}
+    if cfg.get("outer") is not None:
+        extra = dict(outer=optimizer_from_spec(cfg["outer"]), scale_by_gamma=cfg.get("scale_by_gamma", False))
+    if cfg.get("fragments") is not None:
+        extra["fragments"] = cfg["fragments"]
     opt = SlowMo(
         inner,
         model,
         tau=cfg["tau"],
-        alpha=cfg["alpha"],
-        beta=cfg["beta"],
+        alpha=cfg.get("alpha"),
+        beta=cfg.get("beta"),
         base=base,
         optimizer_state=cfg.get("optimizer_state", "keep"),
         shard=cfg.get("shard", False),
         comm=comm,
         overlap=cfg.get("overlap", False),
         overlap_slow=cfg.get("overlap_slow", False),
+        **extra,
     )
-    sched = None
+    sched = outer_sched = None
     if cfg.get("lr_decay"):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: cfg["lr_decay"] ** k)
+    if cfg.get("outer_decay"):  # an LR schedule on the outer optimizer, stepped after every inner step
+        outer_sched = torch.optim.lr_scheduler.LambdaLR(opt.outer, lambda k: cfg["outer_decay"] ** k)
     if state is not None:
         opt.load_state_dict(state["opt"])
         if sched is not None:
             sched.load_state_dict(state["sched"])
+        if outer_sched is not None:
+            outer_sched.load_state_dict(state["outer_sched"])
     hist = [flat_model(model)]
     ckpt = None
     for k in range(opt.step_count, steps):
@@ -140,7 +154,14 @@ def _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=None, state=None):
             import io
 
             blob = io.BytesIO()  # through torch.save / torch.load, as a checkpoint file would go
-            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict() if sched else None}, blob)
+            torch.save(
+                {
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict() if sched else None,
+                    "outer_sched": outer_sched.state_dict() if outer_sched else None,
+                },
+                blob,
+            )
             blob.seek(0)
             ckpt = torch.load(blob, map_location="cpu", weights_only=False)
         opt.zero_grad()
@@ -149,11 +170,19 @@ def _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=None, state=None):
         opt.step()
         if sched is not None:
             sched.step()
+        if outer_sched is not None:
+            outer_sched.step()
         hist.append(flat_model(model))
     out = {"hist": hist, "ckpt": ckpt, "bytes": opt.bytes_sent}
     opt.finalize()
     out["finalized"] = flat_model(model)
     return out
+
+
+def optimizer_from_spec(spec, **overrides):
+    """``(name, kwargs)`` -> a factory params -> torch.optim.<name>(params, **kwargs, **overrides) (picklable specs)."""
+    name, kwargs = spec
+    return lambda params: getattr(torch.optim, name)(params, **{**kwargs, **overrides})
 
 
 def slowmo_configs(rank, world, configs, steps):
@@ -426,5 +455,43 @@ def compressed_syncs(rank, world):
     after = [torch.full((10,), float(rank))]
     compressed_average_(after, 1.0, comm, sync_dtype="int8")
     out["after_nan"] = after[0]
+    comm.close()
+    return out
+
+
+def outer_suite(rank, world, configs, steps):
+    """SlowMo configurations with outer optimizers and fragments (resume checks included) on one group,
+    then BatchNorm statistics under an outer optimizer: averaged at the slow step, not stepped."""
+    from lookahead_dist.comm import Comm
+    from lookahead_dist.slowmo import SlowMo
+
+    comm = Comm()
+    prob = make_problem(world)
+    out = {}
+    for name, cfg in configs.items():
+        if cfg.get("resume_at") is not None:
+            full = _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=cfg["resume_at"])
+            resumed = _slowmo_run(rank, world, cfg, comm, steps, prob, state=full["ckpt"])
+            out[name] = {"full": full["hist"], "resumed": resumed["hist"]}
+        else:
+            out[name] = _slowmo_run(rank, world, cfg, comm, steps, prob)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).double()
+    opt = SlowMo(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        tau=2,
+        comm=comm,
+        outer=lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True),
+    )
+    bn = []
+    for k in range(4):
+        x = torch.arange(24.0, dtype=torch.float64).reshape(8, 3) * (rank + 1) + k
+        model(x).square().mean().backward()
+        before = (model[1].running_mean.clone(), model[1].running_var.clone())
+        opt.step()
+        opt.zero_grad()
+        bn.append((before, (model[1].running_mean.clone(), model[1].running_var.clone())))
+    out["bn"] = bn
     comm.close()
     return out
