@@ -510,6 +510,13 @@ class Phase:
     def __setattr__(self, key, value):
         raise AttributeError(f"Phase is immutable (cannot set {key})")
 
+    def __getstate__(self):
+        return {slot: getattr(self, slot) for slot in Phase.__slots__}
+
+    def __setstate__(self, state):  # pickle and copy: through object.__setattr__, as __init__
+        for slot, value in state.items():
+            object.__setattr__(self, slot, value)
+
     def __repr__(self) -> str:
         form = "averaging" if self._avg is not None else "dense" if self._given_dense else "sparse"
         return f"Phase(n={self.n}, repeat={self.repeat!r}, name={self.name!r}, {form})"

@@ -364,3 +364,13 @@ def test_hierarchical_at_65536_groups_each_node_and_reports():
     text = report(t)
     assert "one all-reduce over ranks [0, 1, 2, 3, 4, 5, 6, 7]" in text and "8176 more all-reduces" in text
     assert "messages per step (distinct other ranks each rank sends to): every rank: 2" in text
+
+
+def test_phases_are_immutable_and_survive_pickling():
+    import pickle
+
+    t = builtin("hierarchical", world_size=12, per_node=3)
+    back = pickle.loads(pickle.dumps(t))
+    assert back.fingerprint() == t.fingerprint() and back.schedule.consensus_rate() == t.schedule.consensus_rate()
+    with pytest.raises(AttributeError, match="immutable"):
+        t.schedule.phases[0].repeat = 2
