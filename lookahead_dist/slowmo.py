@@ -1,6 +1,6 @@
 """SlowMo: slow momentum on top of a base algorithm, the many-agent Lookahead; DiLoCo with ``outer=``.
 
-Length: about 600 lines, kept whole on purpose: the blocking, sharded, fragmented and overlapped
+Length: about 610 lines, kept whole on purpose: the blocking, sharded, fragmented and overlapped
 slow steps share one layout (which slice of z, u and the outer optimizer each sync touches), and
 reading them side by side is how their equality with the reference engine is checked.
 
@@ -365,6 +365,19 @@ class SlowMo(WrapperOptimizer):
         lo, hi = self._outer_range[f]
         outer_step(self.outer, self._outer_params[lo:hi], grads, gamma=gamma if self.scale_by_gamma else None)
 
+    def _average_workers_(self, values: list[torch.Tensor], f: int) -> None:
+        """In place: fragment f's ``values`` (this worker's model) <- x_bar, the workers' exact average.
+
+        The one place where a blocking, unsharded slow step averages the workers, and counts the bytes.
+        A compressed sync goes here: every rank holds the same z, so averaging Delta_r = z - x_r
+        (compressed, error feedback kept per fragment) and taking x_bar = z - average leaves the rest
+        of the slow step as it is.
+        """
+        weight = float(self.flat.params[0].buffer[-1]) if self.push_sum else 1.0
+        weight_sum = None if self.push_sum else self.comm.world_size
+        exact_average_(values, weight, self.comm, weight_sum=weight_sum)
+        self._count(values)
+
     def _count(self, sent: list[torch.Tensor]) -> None:
         # a ring all-reduce, or reduce-scatter + all-gather, sends 2 (p - 1) / p of each buffer
         p = self.comm.world_size
@@ -445,10 +458,10 @@ class SlowMo(WrapperOptimizer):
     def _slow_step(self, f: int = 0) -> None:
         """x_bar, then the slow step, then every worker <- z (fragment f); the model's own buffers are the scratch."""
         values = self._values()
-        # x_bar: push-sum weights sum in one float64 all-reduce (the slot is not sharded); else the sum is W.
-        weight = float(self.flat.params[0].buffer[-1]) if self.push_sum else 1.0
-        weight_sum = None if self.push_sum else self.comm.world_size
         if self.shard:
+            # x_bar: push-sum weights sum in one float64 all-reduce (the slot is not sharded); else the sum is W.
+            weight = float(self.flat.params[0].buffer[-1]) if self.push_sum else 1.0
+            weight_sum = None if self.push_sum else self.comm.world_size
             # reduce-scatter the first group, update this rank's chunk, all-gather it back.
             if self._pad is None:
                 self._pad = torch.zeros(
@@ -458,11 +471,11 @@ class SlowMo(WrapperOptimizer):
             self._pad[: values[0].numel()].copy_(values[0])
             exact_average_([self._pad] + values[1:], weight, self.comm, weight_sum=weight_sum, shard_out=self._mine)
             x_bar = [self._mine] + values[1:]
+            self._count(values)
         else:
             values = self._part(values, f)
-            exact_average_(values, weight, self.comm, weight_sum=weight_sum)
+            self._average_workers_(values, f)
             x_bar = values
-        self._count(values)
         self._update_slow(f, x_bar, self._gammas[f])
         if self.shard:
             self.comm.all_gather_into(self._pad, self.slow[0])
