@@ -1,6 +1,6 @@
 """SlowMo: slow momentum on top of a base algorithm, the many-agent Lookahead; DiLoCo with ``outer=``.
 
-Length: about 610 lines, kept whole on purpose: the blocking, sharded, fragmented and overlapped
+Length: about 640 lines, kept whole on purpose: the blocking, sharded, fragmented, compressed and overlapped
 slow steps share one layout (which slice of z, u and the outer optimizer each sync touches), and
 reading them side by side is how their equality with the reference engine is checked.
 
@@ -82,6 +82,7 @@ import warnings
 import torch
 
 from lookahead_dist.comm import Comm
+from lookahead_dist.compress import CompressedSync, check_sync_dtype
 from lookahead_dist.decentralized import Decentralized
 from lookahead_dist.engine import AverageInFlight, exact_average_, start_exact_average
 from lookahead_dist.errors import ConfigError
@@ -165,6 +166,9 @@ class SlowMo(WrapperOptimizer):
         scale_by_gamma: with ``outer``, step on (z - x_bar) / gamma with each group's lr times gamma
             (gamma: the inner lr at the window's start); SGD(lr=alpha, momentum=beta) is then the rule.
         fragments: sync the parameters in this many staggered fragments (1 <= fragments <= tau).
+        sync_dtype: the slow step's wire format: None or "float32" (the exact average), "bfloat16" or "int8"
+            (the pseudo-gradient z - x_r is averaged compressed, with error feedback:
+            :class:`~lookahead_dist.compress.CompressedSync`); not with ``shard`` or ``overlap_slow``.
     """
 
     def __init__(
@@ -187,6 +191,7 @@ class SlowMo(WrapperOptimizer):
         outer=None,
         scale_by_gamma: bool = False,
         fragments: int = 1,
+        sync_dtype: str | None = None,
     ):
         if buffers is not None:
             warnings.warn(
@@ -211,7 +216,14 @@ class SlowMo(WrapperOptimizer):
             )
         if overlap_slow and shard:
             raise ConfigError("SlowMo: overlap_slow=True and shard=True cannot be combined; choose one")
+        sync_dtype = check_sync_dtype(sync_dtype, "SlowMo: sync_dtype")
+        if sync_dtype != "float32" and (shard or overlap_slow):
+            raise ConfigError(
+                f"SlowMo: sync_dtype={sync_dtype!r} compresses the blocking, unsharded slow step; it cannot be "
+                f"combined with {'shard=True' if shard else 'overlap_slow=True'}"
+            )
         super().__init__(optimizer)
+        self.sync_dtype = sync_dtype
         self.overlap, self.overlap_slow = bool(overlap), bool(overlap_slow)
         self.tau, self.alpha, self.beta, self.shard = tau, alpha, beta, bool(shard)
         self.fragments, self.scale_by_gamma = fragments, bool(scale_by_gamma)
@@ -267,6 +279,8 @@ class SlowMo(WrapperOptimizer):
         self._slow_sent = self._slow_red = None
         self._slow_gamma, self._slow_frag = self.gamma, 0
         self._slow_scratch: dict[int, tuple] = {}  # fragment -> (sent, reduced) buffers, allocated once
+        # compressed sync: one per fragment (its residuals are shaped like the fragment)
+        self._compress = [CompressedSync(sync_dtype) for _ in range(fragments)] if sync_dtype != "float32" else None
         if self.overlap_slow:
             self.comm.group(range(self.comm.world_size), channel="slow")  # every rank, at construction
 
@@ -375,8 +389,18 @@ class SlowMo(WrapperOptimizer):
         """
         weight = float(self.flat.params[0].buffer[-1]) if self.push_sum else 1.0
         weight_sum = None if self.push_sum else self.comm.world_size
-        exact_average_(values, weight, self.comm, weight_sum=weight_sum)
-        self._count(values)
+        if self._compress is None:
+            exact_average_(values, weight, self.comm, weight_sum=weight_sum)
+            self._count(values)
+            return
+        zs = self._part(self.slow, f)
+        for v, z in zip(values, zs):
+            torch.sub(z, v, out=v)  # Delta_r = z - x_r: every rank holds the same z
+        sync = self._compress[f]
+        sync.average_(values, weight, self.comm, weight_sum=weight_sum)
+        for v, z in zip(values, zs):
+            torch.sub(z, v, out=v)  # x_bar = z - the average of Delta_r
+        self._slow_bytes += sync.bytes_sent
 
     def _count(self, sent: list[torch.Tensor]) -> None:
         # a ring all-reduce, or reduce-scatter + all-gather, sends 2 (p - 1) / p of each buffer
@@ -520,6 +544,8 @@ class SlowMo(WrapperOptimizer):
             own["fragments"], own["gammas"] = self.fragments, list(self._gammas)
         if self.outer is not None:
             own["outer"] = self.outer.state_dict()
+        if self._compress is not None:
+            own["compress"] = {"sync_dtype": self.sync_dtype, "syncs": [c.state_dict() for c in self._compress]}
         if self._slow_avg is not None:
             own["pending_slow"] = {
                 "sent": [t.clone() for t in self._slow_sent],
@@ -562,6 +588,13 @@ class SlowMo(WrapperOptimizer):
         self._gammas = [float(g) for g in own.get("gammas", [own["gamma"]])]
         if self.outer is not None:
             self.outer.load_state_dict(own["outer"])
+        saved = own.get("compress", {}).get("sync_dtype", "float32")
+        if saved != self.sync_dtype:
+            raise ConfigError(
+                f"SlowMo checkpoint: written with sync_dtype={saved!r}, loading with sync_dtype={self.sync_dtype!r}"
+            )
+        for sync, st in zip(self._compress or [], own.get("compress", {}).get("syncs", [])):
+            sync.load_state_dict(st)
         self.tau, self.alpha, self.beta = own["tau"], own["alpha"], own["beta"]
         for dst, src in zip(self.slow + self.momentum, own["slow"] + own["momentum"]):
             dst.copy_(src)
@@ -603,5 +636,5 @@ class SlowMo(WrapperOptimizer):
         return (
             f"SlowMo(tau={self.tau}, alpha={self.alpha}, beta={self.beta}, base={base}, shard={self.shard}, "
             f"overlap={self.overlap}, overlap_slow={self.overlap_slow}, fragments={self.fragments}, "
-            f"outer={type(self.outer).__name__ if self.outer is not None else None})"
+            f"outer={type(self.outer).__name__ if self.outer is not None else None}, sync_dtype={self.sync_dtype})"
         )

@@ -120,8 +120,7 @@ def _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=None, state=None):
     extra = {}
     if cfg.get("outer") is not None:
         extra = dict(outer=optimizer_from_spec(cfg["outer"]), scale_by_gamma=cfg.get("scale_by_gamma", False))
-    if cfg.get("fragments") is not None:
-        extra["fragments"] = cfg["fragments"]
+    extra.update({k: cfg[k] for k in ("fragments", "sync_dtype") if cfg.get(k) is not None})
     opt = SlowMo(
         inner,
         model,
