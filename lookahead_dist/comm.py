@@ -1,5 +1,8 @@
 """Every call to torch.distributed in the library goes through this module.
 
+Length: over 500 lines, kept whole on purpose: it is the one place that calls torch.distributed, and the
+error translation, the heartbeats and the clean-exit rules below hold for every primitive in it.
+
 It gives the engine a handful of primitives (weighted all-reduce over a group,
 batched point-to-point exchange, object gathers for start-up checks), turns a
 low-level failure into a :class:`~lookahead_dist.errors.CommError` that names
@@ -212,6 +215,18 @@ def stop_heartbeats(timeout: float = 5.0) -> None:
         _stop_heartbeat(hb, max(0.0, deadline - time.monotonic()))
 
 
+class _AllReduceText:
+    """ "all-reduce over ranks [...]", written only when an error needs it (a group may hold 65,536 ranks)."""
+
+    def __init__(self, ranks):
+        self.ranks = ranks
+
+    def __str__(self) -> str:
+        r = list(self.ranks)
+        shown = r if len(r) <= 16 else f"[{r[0]}, {r[1]}, ..., {r[-1]}] ({len(r)} ranks)"
+        return f"all-reduce over ranks {shown}"
+
+
 class Pending:
     """Communication in flight: the work handles of non-blocking collectives or point-to-point operations.
 
@@ -223,7 +238,7 @@ class Pending:
     """
 
     def __init__(self, comm: Comm, works: list, what: str, peers: Sequence[int] | None):
-        self.comm, self.what, self.peers = comm, what, list(peers) if peers is not None else None
+        self.comm, self.what, self.peers = comm, what, peers  # read only when an error is reported
         self._works = list(works)
         if self._works:
             _IN_FLIGHT.add(self)
@@ -298,6 +313,7 @@ class Comm:
         self.world_size = dist.get_world_size()
         self.backend = dist.get_backend()
         self._groups: dict[tuple[tuple[int, ...], str], Any] = {}
+        self._seen: dict[tuple[tuple[int, ...], str], Any] = {}
         self._hb = None
         self._hb_interval = heartbeat
         self._store = None
@@ -338,12 +354,19 @@ class Comm:
         the gossip runs on the default channel. Must be called by every rank, for
         the same rank sets and channels in the same order.
         """
+        fast = (ranks, channel) if isinstance(ranks, tuple) else None  # plans pass tuples: O(1) once seen
+        if fast is not None and fast in self._seen:
+            return self._seen[fast]
         key = tuple(sorted(int(r) for r in ranks))
         if key == tuple(range(self.world_size)) and not channel:
-            return None
-        if (key, channel) not in self._groups:
-            self._groups[(key, channel)] = dist.new_group(list(key))
-        return self._groups[(key, channel)]
+            group = None
+        else:
+            if (key, channel) not in self._groups:
+                self._groups[(key, channel)] = dist.new_group(list(key))
+            group = self._groups[(key, channel)]
+        if fast is not None:
+            self._seen[fast] = group
+        return group
 
     # -- failure translation ----------------------------------------------------
     def _counters(self) -> dict[int, int]:
@@ -391,12 +414,12 @@ class Comm:
 
     # -- primitives -------------------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor, ranks: Sequence[int]) -> None:
-        with self.guard(f"all-reduce over ranks {list(ranks)}", ranks):
+        with self.guard(_AllReduceText(ranks), ranks):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group(ranks))
 
     def start_all_reduce_sum(self, tensor: torch.Tensor, ranks: Sequence[int], channel: str = "") -> Pending:
         """Start an all-reduce SUM of ``tensor`` in place over ``ranks``; the result is there after ``wait()``."""
-        what = f"all-reduce over ranks {list(ranks)}"
+        what = _AllReduceText(ranks)
         with self.guard(what, ranks):
             work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group(ranks, channel), async_op=True)
         return Pending(self, [work], what, ranks)

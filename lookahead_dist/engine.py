@@ -165,6 +165,26 @@ def start_exact_average(
     return AverageInFlight(list(buffers), pending, weight_slot, weight_sum, total)
 
 
+class _Peers:
+    """The peers of a step's operations, united only when an error report reads them (O(1) per step)."""
+
+    def __init__(self, groups):
+        self.groups = groups
+
+    def __iter__(self):
+        return iter(sorted({p for g in self.groups for p in (g or ())}))
+
+
+class _StepText:
+    def __init__(self, k: int, peers: _Peers):
+        self.k, self.peers = k, peers
+
+    def __str__(self) -> str:
+        peers = list(self.peers)
+        shown = peers if len(peers) <= 16 else f"[{peers[0]}, ..., {peers[-1]}] ({len(peers)} ranks)"
+        return f"mixing step {self.k} (peers {shown})"
+
+
 @dataclass
 class MixInFlight:
     """A mixing step started by :meth:`MixingEngine.start`, to be ended by :meth:`MixingEngine.finish`."""
@@ -303,8 +323,8 @@ class MixingEngine:
                         received[(i, g)] = self._scratch(("recv", i, g, peer), next(iter(self.agents.values()))[g])
                         recvs.append((peer, received[(i, g)]))
             parts.append(self.comm.start_exchange(sends, recvs))
-        peers = sorted({p for part in parts for p in (part.peers or [])})
-        pending = Pending.merge(self.comm, f"mixing step {k} (peers {peers})", peers, parts)
+        peers = _Peers([part.peers for part in parts])
+        pending = Pending.merge(self.comm, _StepText(k, peers), peers, parts)
         return MixInFlight(k, plan, sources, pending, reduced, received)
 
     @torch.no_grad()
