@@ -14,7 +14,10 @@ and the key path (``optim.lr``, ``algorithm.tau``)::
     optim:      {name: sgd, lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 0.0,
                  schedule: cosine, milestones: [], milestones_in: steps, decay: 0.1, warmup_steps: 0}
     algorithm:  {name: slowmo, topology: topologies/ring.yaml, tau: 12, alpha: 1.0, beta: 0.5,
-                 optimizer_state: keep, shard: false, mix_buffers: true, overlap: false, overlap_slow: false}
+                 optimizer_state: keep, shard: false, mix_buffers: true, overlap: false, overlap_slow: false,
+                 fragments: 1, sync_dtype: null, scale_by_gamma: false}
+    outer:      {name: null, lr: null, momentum: null, nesterov: null, betas: null, eps: null,
+                 weight_decay: null}
     debug:      {nan_step: null, nan_rank: 0}
     steps: 400          # or epochs: 90 (exactly one of the two; the other null)
     epochs: null
@@ -43,6 +46,23 @@ is ``algorithm.optimizer_state``.
 The checks of tau, alpha, beta, integers and the optimizer-state policy are
 those of :mod:`lookahead_dist.validation`; only the message is this module's
 (the file and the key path).
+
+Outer optimizers (DiLoCo). ``algorithm.name: diloco`` is SlowMo whose slow
+step is the optimizer of the ``outer:`` section (``outer.name`` null means
+sgd), stepped on the pseudo-gradient z - x_bar over the inner optimizer of
+``optim:``; its base between syncs is local steps unless ``algorithm.topology``
+is given. ``algorithm.name: slowmo`` with ``outer.name`` set is the same over
+SlowMo's defaults (ring gossip). An ``outer:`` key left null takes the
+optimizer's default, filled in by :func:`validate`: sgd lr 0.7, momentum 0.9,
+nesterov true, weight_decay 0 (DiLoCo's); adam and adamw lr 0.001, betas
+[0.9, 0.999], eps 1e-8, weight_decay 0 (adamw 0.01). Contradictions are errors
+naming both keys: ``algorithm.alpha`` or ``beta`` given with an outer optimizer
+(it replaces them; with one, both become null), an ``outer:`` key of another
+optimizer (``outer.betas`` with sgd), an ``outer:`` key with no outer
+optimizer. "Given" means written in the file or a ``--set`` with a value other
+than null (:attr:`Config.given`), or, for a Config built in Python, different
+from the default. ``algorithm.fragments``, ``sync_dtype`` and ``scale_by_gamma``
+are SlowMo's arguments of the same names (slowmo, diloco, local_sgd).
 """
 
 from __future__ import annotations
@@ -68,6 +88,7 @@ __all__ = [
     "DebugConfig",
     "ModelConfig",
     "OptimConfig",
+    "OuterConfig",
     "REPO_ROOT",
     "load_config",
     "resolve_topology",
@@ -82,7 +103,17 @@ MODELS = ("digits_cnn", "digits_mlp", "resnet34", "resnet50")
 DATASETS = ("digits", "cifar10", "imagenet")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
-ALGORITHMS = ("slowmo", "decentralized", "lookahead", "local_sgd", "allreduce")
+ALGORITHMS = ("slowmo", "diloco", "decentralized", "lookahead", "local_sgd", "allreduce")
+OUTER_OPTIMIZERS = ("sgd", "adam", "adamw")
+SYNC_DTYPES = (None, "float32", "bfloat16", "int8")
+#: The algorithms that run SlowMo's slow step (fragments, sync_dtype apply to them).
+SLOW_STEP_ALGORITHMS = ("slowmo", "diloco", "local_sgd")
+#: Each outer optimizer's defaults (an outer key left null); the keys absent from one do not apply to it.
+OUTER_DEFAULTS = {
+    "sgd": {"lr": 0.7, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0},
+    "adam": {"lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01},
+}
 #: Old spellings that still load, with a DeprecationWarning: key paths, and values of a key path.
 RENAMED_KEYS = {"algorithm.buffers": "algorithm.optimizer_state"}
 RENAMED_VALUES = {"algorithm.name": {"gossip": "decentralized"}}
@@ -123,13 +154,29 @@ class AlgorithmConfig:
     # slowmo: the base between slow steps (null: local steps); decentralized: the schedule; else unused
     topology: Optional[str] = "topologies/ring.yaml"
     tau: int = 12
-    alpha: float = 1.0
-    beta: float = 0.5
+    alpha: Optional[float] = 1.0  # null: the default; null with an outer optimizer (it replaces alpha and beta)
+    beta: Optional[float] = 0.5
     optimizer_state: str = "keep"  # base-optimizer state at a slow step: keep | reset | average
     shard: bool = False
     mix_buffers: bool = True  # mix BatchNorm statistics with the parameters
     overlap: bool = False  # gossip behind the next forward/backward (combine-then-adapt): decentralized, slowmo
     overlap_slow: bool = False  # slow step's all-reduce behind the next base step: slowmo, local_sgd, lookahead
+    fragments: int = 1  # streaming fragments of the slow step, in [1, tau]: slowmo, diloco, local_sgd
+    sync_dtype: Optional[str] = None  # the slow step's wire format: null (float32), float32, bfloat16, int8
+    scale_by_gamma: bool = False  # outer step on (z - x_bar) / gamma with lr * gamma (any inner schedule)
+
+
+@dataclass
+class OuterConfig:
+    """The slow step's optimizer (DiLoCo): a key left null takes the optimizer's default (OUTER_DEFAULTS)."""
+
+    name: Optional[str] = None  # sgd | adam | adamw; null: none (slowmo) or sgd (diloco)
+    lr: Optional[float] = None
+    momentum: Optional[float] = None  # sgd
+    nesterov: Optional[bool] = None  # sgd
+    betas: Optional[List[float]] = None  # adam, adamw
+    eps: Optional[float] = None  # adam, adamw
+    weight_decay: Optional[float] = None
 
 
 @dataclass
@@ -150,6 +197,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     steps: Optional[int] = 400
     epochs: Optional[float] = None
@@ -167,6 +215,8 @@ class Config:
     source: str = field(default="<defaults>", metadata={"internal": True})
     #: What was spelled the old way (one line each); the trainer prints them on rank 0.
     deprecations: List[str] = field(default_factory=list, metadata={"internal": True})
+    #: The key paths a file or a --set gave a value other than null (see "given" in the module docstring).
+    given: set = field(default_factory=set, metadata={"internal": True}, compare=False, repr=False)
 
 
 # -- filling dataclasses from mappings --------------------------------------------------
@@ -234,7 +284,7 @@ def _deprecated(notes: Optional[list], where: str, old: str, new: str) -> None:
         notes.append(message)
 
 
-def _fill(obj, mapping, where: str, prefix: str, notes: Optional[list] = None) -> None:
+def _fill(obj, mapping, where: str, prefix: str, notes: Optional[list] = None, given: Optional[set] = None) -> None:
     if not isinstance(mapping, dict):
         raise ConfigError(
             f"{where}: {prefix.rstrip('.') or 'the top level'}: expected a mapping of keys, got {short_repr(mapping)}"
@@ -253,9 +303,11 @@ def _fill(obj, mapping, where: str, prefix: str, notes: Optional[list] = None) -
             raise ConfigError(f"{where}: unknown key {path!r} (known: {', '.join(known)})")
         _, tp = known[key]
         if dataclasses.is_dataclass(tp):
-            _fill(getattr(obj, key), value, where, path + ".", notes)
+            _fill(getattr(obj, key), value, where, path + ".", notes, given)
         else:
             setattr(obj, key, _coerce(value, tp, where, path))
+            if given is not None:
+                (given.add if value is not None else given.discard)(path)
 
 
 def _parse_override(text: str, tp):
@@ -305,6 +357,7 @@ def _apply_override(cfg: Config, item: str) -> None:
             raise ConfigError(f"{where}: {path!r} is a section; set one of its keys ({', '.join(_fields(tp))})")
         else:
             setattr(obj, part, _coerce(_parse_override(text, tp), tp, where, path))
+            (cfg.given.add if getattr(obj, part) is not None else cfg.given.discard)(path)
 
 
 # -- validation --------------------------------------------------------------------------
@@ -336,6 +389,121 @@ def _rename_values(cfg: Config) -> None:
         if isinstance(old, str) and old in renames:
             setattr(obj, key, renames[old])
             _deprecated(cfg.deprecations, cfg.source, f"{path}: {old}", f"{path}: {renames[old]}")
+
+
+def _validate_outer(cfg: Config) -> bool:
+    """The ``outer:`` section and what contradicts it; True when an outer optimizer runs.
+
+    With one: ``outer.name`` null becomes sgd (diloco), its null keys take OUTER_DEFAULTS, ``algorithm.alpha`` and
+    ``beta`` become null (an error if given), and diloco's topology becomes null unless given. Without one: every
+    ``outer:`` key must be null, and a null ``algorithm.alpha`` or ``beta`` takes its default.
+    """
+    w, a, o = cfg.source, cfg.algorithm, cfg.outer
+    _check(w, check.check_choice, o.name, "outer.name", choices=(None,) + OUTER_OPTIMIZERS)
+    if a.name == "diloco" and o.name is None:
+        o.name = "sgd"
+    keys = [f.name for f in dataclasses.fields(OuterConfig) if f.name != "name"]
+    defaults = AlgorithmConfig()
+    if not (a.name == "diloco" or (a.name == "slowmo" and o.name is not None)):
+        why = f"algorithm.name is {a.name}" if a.name != "slowmo" else "outer.name is null"
+        for key in ["name", *keys]:
+            rule = (
+                f"is set but no outer optimizer runs ({why}; it needs algorithm.name diloco, or slowmo with outer.name)"
+            )
+            _require(getattr(o, key) is None, w, f"outer.{key}", rule, getattr(o, key))
+        _require(
+            not a.scale_by_gamma,
+            w,
+            "algorithm.scale_by_gamma",
+            f"scales an outer optimizer, but none runs ({why})",
+            a.scale_by_gamma,
+        )
+        a.alpha = defaults.alpha if a.alpha is None else a.alpha
+        a.beta = defaults.beta if a.beta is None else a.beta
+        return False
+    by = f"algorithm.name {a.name}" if a.name == "diloco" else f"outer.name {o.name}"
+    for key in ("alpha", "beta"):
+        value, path = getattr(a, key), f"algorithm.{key}"
+        if value is not None and (path in cfg.given or value != getattr(defaults, key)):
+            raise ConfigError(
+                f"{w}: {path} ({short_repr(value)}) contradicts {by}: the outer optimizer ({o.name}) replaces "
+                f"SlowMo's alpha and beta; configure the outer: section (outer.lr, ...) instead, and remove {path} (or set it "
+                "to null)"
+            )
+        setattr(a, key, None)
+    if a.name == "diloco" and "algorithm.topology" not in cfg.given and a.topology == defaults.topology:
+        a.topology = None  # DiLoCo: local inner steps unless a topology is given
+    own = OUTER_DEFAULTS[o.name]
+    for key in keys:
+        value = getattr(o, key)
+        if key not in own:
+            users = " or ".join(name for name, d in OUTER_DEFAULTS.items() if key in d)
+            _require(value is None, w, f"outer.{key}", f"applies to outer.name {users}, not {o.name}", value)
+        elif value is None:
+            setattr(o, key, list(own[key]) if isinstance(own[key], list) else own[key])
+    _require(o.lr > 0, w, "outer.lr", "must be > 0", o.lr)
+    _require(o.weight_decay >= 0.0, w, "outer.weight_decay", "must be >= 0", o.weight_decay)
+    if o.name == "sgd":
+        _require(0.0 <= o.momentum < 1.0, w, "outer.momentum", "must lie in [0, 1)", o.momentum)
+        _require(not o.nesterov or o.momentum > 0, w, "outer.nesterov", "needs outer.momentum > 0", o.nesterov)
+    else:
+        _require(
+            len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+            w,
+            "outer.betas",
+            "must be two numbers in [0, 1)",
+            o.betas,
+        )
+        _require(o.eps > 0, w, "outer.eps", "must be > 0", o.eps)
+    return True
+
+
+def _validate_slow_step_options(cfg: Config) -> None:
+    """algorithm.fragments and algorithm.sync_dtype, against the algorithm and the keys they cannot go with."""
+    w, a = cfg.source, cfg.algorithm
+    slow = ", ".join(SLOW_STEP_ALGORITHMS)
+    _check(w, check.check_int, a.fragments, "algorithm.fragments", low=1)
+    if a.fragments > 1:
+        _require(
+            a.name in SLOW_STEP_ALGORITHMS,
+            w,
+            "algorithm.fragments",
+            f"streams a slow step: it needs algorithm.name {slow} (name is {a.name})",
+            a.fragments,
+        )
+        _require(
+            a.fragments <= a.tau,
+            w,
+            "algorithm.fragments",
+            f"must lie in [1, algorithm.tau] = [1, {a.tau}]",
+            a.fragments,
+        )
+        _require(not a.shard, w, "algorithm.fragments", "cannot be combined with algorithm.shard: true", a.fragments)
+        _require(
+            a.optimizer_state == "keep",
+            w,
+            "algorithm.fragments",
+            f"needs algorithm.optimizer_state keep (a fragment cannot {a.optimizer_state} the whole base "
+            "optimizer's state)",
+            a.fragments,
+        )
+    _check(w, check.check_choice, a.sync_dtype, "algorithm.sync_dtype", choices=SYNC_DTYPES)
+    if a.sync_dtype not in (None, "float32"):
+        _require(
+            a.name in SLOW_STEP_ALGORITHMS,
+            w,
+            "algorithm.sync_dtype",
+            f"compresses a slow step: it needs algorithm.name {slow} (name is {a.name})",
+            a.sync_dtype,
+        )
+        for key in ("shard", "overlap_slow"):
+            _require(
+                not getattr(a, key),
+                w,
+                "algorithm.sync_dtype",
+                f"cannot be combined with algorithm.{key}: true",
+                a.sync_dtype,
+            )
 
 
 def validate(cfg: Config) -> Config:
@@ -387,27 +555,28 @@ def validate(cfg: Config) -> Config:
     a = cfg.algorithm
     _check(w, check.check_choice, a.name, "algorithm.name", choices=ALGORITHMS)
     _check(w, check.check_tau, a.tau, "algorithm.tau")
-    # alpha is Lookahead's slow step size or SlowMo's slow learning rate; both (0, 1] here (no max_alpha key)
-    _check(
-        w, check.check_lookahead_alpha if a.name == "lookahead" else check.check_slow_alpha, a.alpha, "algorithm.alpha"
-    )
-    _check(w, check.check_beta, a.beta, "algorithm.beta")
+    if not _validate_outer(cfg):
+        # alpha is Lookahead's slow step size or SlowMo's slow learning rate; both (0, 1] here (no max_alpha key)
+        alpha_check = check.check_lookahead_alpha if a.name == "lookahead" else check.check_slow_alpha
+        _check(w, alpha_check, a.alpha, "algorithm.alpha")
+        _check(w, check.check_beta, a.beta, "algorithm.beta")
     _check(w, check.check_optimizer_state, a.optimizer_state, "algorithm.optimizer_state")
     _require(
-        not a.overlap or a.name == "decentralized" or (a.name == "slowmo" and bool(a.topology)),
+        not a.overlap or a.name == "decentralized" or (a.name in ("slowmo", "diloco") and bool(a.topology)),
         w,
         "algorithm.overlap",
-        f"overlaps gossip: it needs name decentralized, or slowmo with a topology (name is {a.name}, topology "
-        f"{a.topology})",
+        f"overlaps gossip: it needs name decentralized, or slowmo or diloco with a topology (name is {a.name}, "
+        f"topology {a.topology})",
         a.overlap,
     )
     _require(
-        not a.overlap_slow or a.name in ("slowmo", "local_sgd", "lookahead"),
+        not a.overlap_slow or a.name in ("slowmo", "diloco", "local_sgd", "lookahead"),
         w,
         "algorithm.overlap_slow",
-        f"overlaps a slow step: it needs name slowmo, local_sgd or lookahead (name is {a.name})",
+        f"overlaps a slow step: it needs name slowmo, diloco, local_sgd or lookahead (name is {a.name})",
         a.overlap_slow,
     )
+    _validate_slow_step_options(cfg)
     _require(
         not (a.overlap_slow and a.shard),
         w,
@@ -468,7 +637,7 @@ def load_config(path=None, overrides: Sequence[str] = ()) -> Config:
             raise ConfigError(f"{p}: malformed YAML: nested too deeply") from None
         except ValueError as exc:  # a scalar YAML cannot convert, e.g. an integer of more than 4300 digits
             raise ConfigError(f"{p}: malformed YAML: {exc}") from None
-        _fill(cfg, data or {}, str(p), "", cfg.deprecations)
+        _fill(cfg, data or {}, str(p), "", cfg.deprecations, cfg.given)
         sources.append(str(p))
     for item in overrides:
         _apply_override(cfg, item)

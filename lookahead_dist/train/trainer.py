@@ -6,7 +6,10 @@ schedule and the algorithm wrapper, then runs ``steps`` optimizer steps:
 =============  ==================================================================================
 algorithm      what runs on every rank
 =============  ==================================================================================
-slowmo         :class:`~lookahead_dist.slowmo.SlowMo` over the topology as its base (null: local steps)
+slowmo         :class:`~lookahead_dist.slowmo.SlowMo` over the topology as its base (null: local steps);
+               with ``outer.name`` set, its slow step is that optimizer
+diloco         SlowMo whose slow step is the ``outer:`` optimizer (default Nesterov SGD, lr 0.7,
+               momentum 0.9) on the pseudo-gradient, over local steps of the ``optim:`` optimizer
 decentralized  :class:`~lookahead_dist.decentralized.Decentralized` with the topology file
                (D-PSGD, push-sum, local SGD or Lookahead, as the file's schedule says)
 local_sgd      SlowMo with alpha = 1, beta = 0 and no base communication: an exact average every tau
@@ -88,6 +91,19 @@ def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return cls(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
+def _outer_factory(cfg: Config):
+    """``params -> torch.optim.Optimizer``: the slow step's optimizer of the ``outer:`` section (None: none runs)."""
+    o = cfg.outer
+    if cfg.algorithm.name not in ("slowmo", "diloco") or o.name is None:
+        return None
+    if o.name == "sgd":
+        return lambda params: torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        )
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return lambda params: cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
 def _build_algorithm(cfg: Config, model, optimizer, comm: Comm, device):
     """(step wrapper, module to call): the algorithm of ``cfg.algorithm`` around ``optimizer``."""
     a, W = cfg.algorithm, comm.world_size
@@ -108,17 +124,28 @@ def _build_algorithm(cfg: Config, model, optimizer, comm: Comm, device):
         mix_buffers=a.mix_buffers,
         overlap_slow=a.overlap_slow,
     )
-    if a.name == "slowmo":
+    slow = dict(fragments=a.fragments, sync_dtype=a.sync_dtype)  # the slow step's streaming and wire format
+    if a.name in ("slowmo", "diloco"):
         base = topology() if a.topology else None
+        outer = dict(outer=_outer_factory(cfg), scale_by_gamma=a.scale_by_gamma)
         return SlowMo(
-            optimizer, model, tau=a.tau, alpha=a.alpha, beta=a.beta, base=base, overlap=a.overlap, **common
+            optimizer,
+            model,
+            tau=a.tau,
+            alpha=a.alpha,
+            beta=a.beta,
+            base=base,
+            overlap=a.overlap,
+            **outer,
+            **slow,
+            **common,
         ), model
     if a.name == "decentralized":
         return Decentralized(
             optimizer, model, topology(), comm=comm, mix_buffers=a.mix_buffers, overlap=a.overlap
         ), model
     if a.name == "local_sgd":
-        return SlowMo(optimizer, model, tau=a.tau, alpha=1.0, beta=0.0, base=None, **common), model
+        return SlowMo(optimizer, model, tau=a.tau, alpha=1.0, beta=0.0, base=None, **slow, **common), model
     if a.name == "allreduce":
         return optimizer, ddp(model)
     if W == 1:  # lookahead
@@ -152,6 +179,16 @@ def _announce(cfg: Config, comm: Comm) -> None:
     for note in cfg.deprecations:
         print(f"[train] deprecated: {note}", flush=True)
     a = cfg.algorithm
+    if _outer_factory(cfg) is not None:
+        o = cfg.outer
+        args = {k: v for k, v in vars(o).items() if k != "name" and v is not None}
+        print(
+            f"[train] algorithm {a.name}: every tau={a.tau} steps of {cfg.optim.name} "
+            f"({'over ' + a.topology if a.topology else 'local, no communication between syncs'}), the outer "
+            f"optimizer {o.name}({', '.join(f'{k}={v}' for k, v in args.items())}) steps the slow model on the "
+            f"pseudo-gradient z - x_bar; fragments={a.fragments}, sync_dtype={a.sync_dtype or 'float32'}",
+            flush=True,
+        )
     if a.name == "lookahead" and comm.world_size > 1:
         print(
             f"[train] algorithm lookahead on {comm.world_size} ranks runs as SlowMo with beta 0 over "

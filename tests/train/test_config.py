@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.train.config import REPO_ROOT, Config, load_config, resolve_topology, to_dict
+from lookahead_dist.train.config import REPO_ROOT, Config, load_config, resolve_topology, to_dict, validate
 from lookahead_dist.train.data import build_data, epoch_order, shard_indices
 from lookahead_dist.train.models import DigitsCNN, build_model
 from lookahead_dist.train.schedules import cosine, lr_at, step_decay
@@ -291,3 +291,161 @@ def test_overlap_keys_are_checked_against_the_algorithm():
         load_config(None, ["algorithm.overlap_slow=true", "algorithm.shard=true"])
     with pytest.raises(ConfigError, match=r"algorithm\.overlap: expected true or false, got 'yes please'"):
         load_config(None, ["algorithm.overlap=yes please"])
+
+
+def test_diloco_configs_load_with_the_outer_section_filled():
+    import yaml
+
+    from lookahead_dist.train.trainer import _outer_factory
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        d = load_config(CONFIGS / "digits_diloco.yaml")
+        g = load_config(CONFIGS / "cifar10_resnet34_diloco.yaml")
+    for cfg in (d, g):
+        a, o = cfg.algorithm, cfg.outer
+        assert (a.name, a.topology, a.alpha, a.beta, cfg.optim.name) == ("diloco", None, None, None, "adamw")
+        assert (o.name, o.lr, o.momentum, o.nesterov, o.betas, o.eps) == ("sgd", 0.7, 0.9, True, None, None)
+    assert (d.algorithm.tau, d.algorithm.fragments, d.algorithm.sync_dtype) == (20, 1, None)
+    assert (g.model.name, g.algorithm.tau, g.batch_size * 8) == ("resnet34", 100, 256)
+    text = yaml.safe_dump(to_dict(d), sort_keys=False)
+    assert "alpha: null" in text and "nesterov: true" in text
+    opt = _outer_factory(d)([torch.zeros(3, requires_grad=True)])
+    assert type(opt) is torch.optim.SGD
+    assert {k: opt.defaults[k] for k in ("lr", "momentum", "nesterov", "weight_decay")} == {
+        "lr": 0.7,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 0.0,
+    }
+    assert _outer_factory(load_config()) is None  # the default run: SlowMo's own rule
+
+
+def test_config_yaml_of_a_diloco_run_loads_back(tmp_path):
+    import yaml
+
+    cfg = load_config(CONFIGS / "digits_diloco.yaml", ["algorithm.sync_dtype=int8", "outer.lr=0.5"])
+    p = write(tmp_path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert to_dict(load_config(p)) == to_dict(cfg)
+
+
+def test_outer_defaults_per_optimizer_and_the_two_ways_to_select_one():
+    from lookahead_dist.train.trainer import _outer_factory
+
+    d = load_config(None, ["algorithm.name=diloco"])  # outer.name null: DiLoCo's Nesterov SGD, local steps
+    assert (d.outer.name, d.outer.lr, d.outer.momentum, d.outer.nesterov, d.algorithm.topology) == (
+        "sgd",
+        0.7,
+        0.9,
+        True,
+        None,
+    )
+    ring = load_config(None, ["algorithm.name=diloco", "algorithm.topology=topologies/ring.yaml"])
+    assert ring.algorithm.topology == "topologies/ring.yaml"  # given: DiLoCo over ring gossip
+    s = load_config(None, ["outer.name=adamw", "outer.betas=[0.9, 0.95]"])  # slowmo with an outer optimizer
+    assert (s.algorithm.name, s.algorithm.topology, s.algorithm.alpha, s.algorithm.beta) == (
+        "slowmo",
+        "topologies/ring.yaml",
+        None,
+        None,
+    )
+    assert (s.outer.lr, s.outer.betas, s.outer.eps, s.outer.weight_decay, s.outer.momentum) == (
+        0.001,
+        [0.9, 0.95],
+        1e-8,
+        0.01,
+        None,
+    )
+    opt = _outer_factory(s)([torch.zeros(2, 2, requires_grad=True)])
+    assert type(opt) is torch.optim.AdamW and opt.defaults["betas"] == (0.9, 0.95)
+    assert load_config(None, ["outer.name=adam"]).outer.weight_decay == 0.0
+    a = load_config(None, ["algorithm.name=diloco", "algorithm.alpha=null", "algorithm.fragments=4"])
+    assert (a.algorithm.alpha, a.algorithm.fragments) == (None, 4)
+    plain = load_config(None, ["algorithm.alpha=null"])  # no outer optimizer: null is the default
+    assert (plain.algorithm.alpha, plain.algorithm.beta) == (1.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        # an outer optimizer replaces alpha and beta: given explicitly, even at their default values
+        (
+            ["algorithm.name=diloco", "algorithm.alpha=0.5"],
+            r"algorithm\.alpha \(0\.5\) contradicts algorithm\.name diloco",
+        ),
+        (
+            ["algorithm.name=diloco", "algorithm.beta=0.5"],
+            r"algorithm\.beta \(0\.5\) contradicts algorithm\.name diloco",
+        ),
+        (["outer.name=sgd", "algorithm.alpha=1.0"], r"algorithm\.alpha \(1\.0\) contradicts outer\.name sgd"),
+        # a key of another optimizer, and outer keys with no outer optimizer
+        (
+            ["algorithm.name=diloco", "outer.betas=[0.9, 0.95]"],
+            r"outer\.betas applies to outer\.name adam or adamw, not sgd",
+        ),
+        (["outer.name=adam", "outer.nesterov=true"], r"outer\.nesterov applies to outer\.name sgd, not adam"),
+        (["outer.lr=0.5"], r"outer\.lr is set but no outer optimizer runs \(outer\.name is null"),
+        (
+            ["algorithm.name=decentralized", "outer.name=sgd"],
+            r"outer\.name is set but no outer optimizer runs \(algorithm\.name is decentralized",
+        ),
+        (["algorithm.scale_by_gamma=true"], r"algorithm\.scale_by_gamma scales an outer optimizer, but none runs"),
+        # ranges and types
+        (["algorithm.name=diloco", "outer.lr=0"], r"outer\.lr must be > 0, got 0\.0"),
+        (["algorithm.name=diloco", "outer.momentum=1"], r"outer\.momentum must lie in \[0, 1\), got 1\.0"),
+        (
+            ["algorithm.name=diloco", "outer.momentum=0", "outer.nesterov=true"],
+            r"outer\.nesterov needs outer\.momentum > 0",
+        ),
+        (["outer.name=adam", "outer.betas=[0.9]"], r"outer\.betas must be two numbers in \[0, 1\), got \[0\.9\]"),
+        (["outer.name=adam", "outer.eps=0"], r"outer\.eps must be > 0"),
+        (["outer.name=lamb"], r"outer\.name must be one of \(None, 'sgd', 'adam', 'adamw'\), got 'lamb'"),
+        (["outer.lr=fast"], r"outer\.lr: expected a number or null, got 'fast'"),
+        (["outer.nesterov=2"], r"outer\.nesterov: expected true or false or null, got 2"),
+        (["outer.momentm=0.9"], r"unknown key 'outer\.momentm'"),
+        # fragments and sync_dtype against tau, the algorithm and the keys they cannot go with
+        (["algorithm.fragments=13"], r"algorithm\.fragments must lie in \[1, algorithm\.tau\] = \[1, 12\], got 13"),
+        (["algorithm.fragments=0"], r"algorithm\.fragments must be an integer >= 1, got 0"),
+        (
+            ["algorithm.fragments=2", "algorithm.shard=true"],
+            r"algorithm\.fragments cannot be combined with algorithm\.shard",
+        ),
+        (
+            ["algorithm.fragments=2", "algorithm.optimizer_state=reset"],
+            r"algorithm\.fragments needs algorithm\.optimizer_state keep",
+        ),
+        (
+            ["algorithm.name=decentralized", "algorithm.fragments=2"],
+            r"algorithm\.fragments streams a slow step: .*name is decentralized",
+        ),
+        (
+            ["algorithm.sync_dtype=int4"],
+            r"algorithm\.sync_dtype must be one of \(None, 'float32', 'bfloat16', 'int8'\)",
+        ),
+        (
+            ["algorithm.sync_dtype=int8", "algorithm.shard=true"],
+            r"algorithm\.sync_dtype cannot be combined with algorithm\.shard: true",
+        ),
+        (
+            ["algorithm.sync_dtype=bfloat16", "algorithm.overlap_slow=true"],
+            r"algorithm\.sync_dtype cannot be combined with algorithm\.overlap_slow: true",
+        ),
+        (["algorithm.name=allreduce", "algorithm.sync_dtype=int8"], r"algorithm\.sync_dtype compresses a slow step"),
+    ],
+)
+def test_outer_and_slow_step_keys_are_checked(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+
+
+def test_alpha_given_in_a_file_contradicts_an_outer_optimizer(tmp_path):
+    p = write(tmp_path, "algorithm:\n  name: diloco\n  alpha: 1.0\n")  # the default value, but written
+    with pytest.raises(ConfigError, match=r"run\.yaml: algorithm\.alpha \(1\.0\) contradicts algorithm\.name diloco"):
+        load_config(p)
+    # a Config built in Python has no record of what was written: a non-default value counts as given
+    cfg = Config()
+    cfg.algorithm.name, cfg.algorithm.beta = "diloco", 0.6
+    with pytest.raises(ConfigError, match=r"algorithm\.beta \(0\.6\) contradicts"):
+        validate(cfg)
+    cfg.algorithm.beta = 0.5
+    assert validate(cfg).algorithm.beta is None
