@@ -143,7 +143,7 @@ def report(results: list[dict], cfg: dict) -> None:
     )
     base = {}
     print(
-        f"{'variant':22} {'samples/s':>10} {'vs ceiling':>11} {'KiB sent/rank/step':>19} {'vs SlowMo':>10} "
+        f"{'variant':27} {'samples/s':>10} {'vs ceiling':>11} {'KiB sent/rank/step':>19} {'vs SlowMo':>10} "
         f"{'KiB per sync':>13}"
     )
     for n in names:
