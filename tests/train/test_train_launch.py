@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from lookahead_dist.train.config import REPO_ROOT
 
@@ -170,3 +171,40 @@ def test_overlapped_run_resumes_to_the_same_model(tmp_path):
     a = torch.load(run / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_diloco_config_runs_with_an_int8_sync_and_checkpoints_the_outer_state(tmp_path):
+    """launch/configs/digits_diloco.yaml (AdamW inner, Nesterov SGD outer) on 2 ranks, tau 10, the sync in int8
+    in 2 fragments: it learns, says what runs, records the filled-in outer section, and its checkpoints hold the
+    outer optimizer's momentum and the error-feedback residuals."""
+    args = ["--config", str(REPO_ROOT / "launch" / "configs" / "digits_diloco.yaml"), *COMMON]
+    args += ["--set", "algorithm.tau=10", "--set", "algorithm.sync_dtype=int8", "--set", "algorithm.fragments=2"]
+    proc = torchrun(tmp_path, *args, "--out", "run")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert "[train] algorithm diloco: every tau=10 steps of adamw (local, no communication" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["algorithm"] == "diloco" and summary["final_test_accuracy"] > 0.6
+    sent = summary["bytes_sent_per_rank"]
+    params = sum(t.numel() for t in torch.load(run / "model.pt", weights_only=True).values() if t.is_floating_point())
+    # 12 fragment syncs of half the model each in int8 (about 1 byte per element there and back, plus scales):
+    # far under what float32 all-reduces would send (2 (p-1)/p x 4 bytes x the model, 6 times)
+    assert sent[0] == sent[1] and 0 < sent[0] < 6 * 4 * params / 2
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["outer"] == {
+        "name": "sgd",
+        "lr": 0.7,
+        "momentum": 0.9,
+        "nesterov": True,
+        "betas": None,
+        "eps": None,
+        "weight_decay": 0.0,
+    }
+    assert (config["algorithm"]["alpha"], config["algorithm"]["beta"], config["algorithm"]["topology"]) == (
+        None,
+        None,
+        None,
+    )
+    state = torch.load(run / "checkpoints" / "step_00000060" / "rank_1.pt", weights_only=False)["optimizer"]["slowmo"]
+    assert state["outer"]["state"] and all("momentum_buffer" in s for s in state["outer"]["state"].values())
+    assert state["compress"]["sync_dtype"] == "int8" and len(state["compress"]["syncs"]) == 2
