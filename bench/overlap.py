@@ -85,7 +85,7 @@ from benchutil import rotation  # noqa: E402
 RATE = "1gbit"
 LR = 2e-3
 TARGET_ACC = 0.95
-BATCHES = (64, 128, 256)
+BATCHES = (32, 64, 128, 256)
 TOPOLOGIES = {
     "ring": {"generator": "ring"},
     "ring push-sum": {"generator": "ring", "push_sum": True},
@@ -197,12 +197,15 @@ def _choose_batch(comm, xtr, ytr, reps: int, log) -> dict:
         _fb(model, x, y)
         opt.step()
 
-    compute = {}
+    batches = {}
     for b in BATCHES:
         idx = torch.randint(0, len(xtr), (b,), generator=gen)
-        batch = (xtr[idx], ytr[idx])
-        step(*batch)
-        compute[b] = [_window(comm, 1, lambda: step(*batch)) for _ in range(reps)]  # noqa: B023 (called now)
+        batches[b] = (xtr[idx], ytr[idx])
+        step(*batches[b])
+    compute = {b: [] for b in BATCHES}
+    for rep in range(reps):  # in rotation: a change of the machine's load spreads over every batch size
+        for b in rotation(list(BATCHES), rep):
+            compute[b].append(_window(comm, 1, lambda: step(*batches[b])))  # noqa: B023 (called at once)
     comm_only = {}
     for name in ("ring", "one-peer exp"):
         m = _model()
@@ -349,7 +352,7 @@ def steps_worker(cfg: dict, out: str) -> None:
             )
 
     xtr, ytr, _, _ = _digits()
-    choice = _choose_batch(comm, xtr, ytr, max(2, reps // 2), log)
+    choice = _choose_batch(comm, xtr, ytr, 3, log)
     batch = choice["batch"]
     gen = torch.Generator().manual_seed(comm.rank)
     pool = [torch.randint(0, len(xtr), (batch,), generator=gen) for _ in range(8)]
