@@ -36,7 +36,6 @@ goes through :mod:`lookahead_dist.comm`.
 from __future__ import annotations
 
 import datetime
-import gc
 import json
 import os
 import threading
@@ -71,9 +70,11 @@ def connect_store(host: str, port: int, timeout_s: float = 60.0, is_master: bool
 
 
 def _leave_group() -> None:
-    """Destroy this process's groups and free them now (closing their sockets: the peers' operations fail)."""
+    """Destroy this process's groups: their sockets close, so the peers' pending operations fail at once.
+
+    The caller must hold no reference to the group (a traceback of its failure holds one in its frames).
+    """
     comm.destroy_process_group()
-    gc.collect()
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class _Beat(threading.Thread):
 class Timings:
     """Seconds spent in the last change of generation (monotonic clock of this worker)."""
 
+    leave_s: float = 0.0
     agree_s: float = 0.0
     group_s: float = 0.0
     waited_for: list = field(default_factory=list)
@@ -278,12 +280,14 @@ class Membership:
 
         ``step``: the steps this worker has completed; ``oldest``: the oldest step whose state it still holds.
         """
+        t0 = time.monotonic()
         _leave_group()
+        leave_s = time.monotonic() - t0
         while True:
             view = self.view
             t0 = time.monotonic()
             nxt = self._agree(view, step, oldest, reason)
-            self.timings = Timings(agree_s=time.monotonic() - t0)
+            self.timings = Timings(leave_s=leave_s, agree_s=time.monotonic() - t0)
             if self.member not in nxt.members:
                 raise MembershipError(
                     f"member {self.member}: left out of generation {nxt.generation} (members {list(nxt.members)}): "

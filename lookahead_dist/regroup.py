@@ -410,6 +410,7 @@ class Elastic:
                 "from_step": step,
                 "to_step": view.step,
                 "detected_at": detected,
+                "leave_s": timings.leave_s,
                 "agree_s": timings.agree_s,
                 "group_s": timings.group_s,
                 "replan_s": replan_s,

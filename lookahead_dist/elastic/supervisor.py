@@ -152,7 +152,7 @@ class Supervisor:
                         w.final = 0
                         self.log(f"member {w.member} finished")
                         continue
-                    self.store.set(dead_key(w.member, w.incarnation, root=True), str(rc))
+                    self._report_death(w, rc)
                     how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
                     if w.restarts_left > 0 and not self._stopping:
                         w.restarts_left -= 1
@@ -177,8 +177,19 @@ class Supervisor:
                         w.proc.wait()
         return 1 if any(w.final > 0 for w in self.workers) else 0
 
+    def _report_death(self, w: _Worker, rc: int) -> None:
+        """Tell the survivors at once (they need not wait for the heartbeat to go stale)."""
+        try:
+            self.store.set(dead_key(w.member, w.incarnation, root=True), str(rc))
+        except Exception as exc:  # the store's host is gone: the workers stop on their own, naming it
+            self.log(f"cannot report member {w.member}'s death: the store is unreachable ({exc})")
+
     def _wait_for_other_nodes(self) -> None:
-        done = int(self.store.add(f"{ROOT}/supervisors_done", 1))
+        try:
+            done = int(self.store.add(f"{ROOT}/supervisors_done", 1))
+        except Exception as exc:
+            self.log(f"the store is unreachable at the end ({exc})")
+            return
         if self.args.node_rank != 0:
             return
         deadline = time.monotonic() + self.args.exit_timeout

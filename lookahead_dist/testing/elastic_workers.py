@@ -23,7 +23,7 @@ import torch
 
 from lookahead_dist.testing.verify import LR, SEED, flat_model, make_problem, sgd
 
-__all__ = ["run_members", "trial", "momentum_of"]
+__all__ = ["run_members", "trial", "momentum_of", "measure"]
 
 _PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "lookahead_dist.regroup", "lookahead_dist.testing.verify"]
 
@@ -156,7 +156,8 @@ def _kill(ms, delay: float = 0.0) -> None:
 
 def trial(ms, cfg: dict) -> dict:
     """One member of an elastic run (configuration keys: algo, topology, steps, lr, tau, alpha, beta, kills,
-    in_allreduce, seed, step_sleep); returns its trace, restart states, events and finalized model."""
+    in_allreduce, seed, step_sleep, await_rejoin, progress_dir); returns its trace, restart states, events and
+    finalized model."""
     from lookahead_dist.decentralized import Decentralized
     from lookahead_dist.regroup import Elastic
     from lookahead_dist.slowmo import SlowMo
@@ -217,11 +218,17 @@ def trial(ms, cfg: dict) -> dict:
         restart_state()
     seen = len(el.events)
     steps = cfg["steps"]
+
+    def more():  # with await_rejoin, go on past ``steps`` until the lost members are back (the same on all)
+        return el.step_count < steps or (cfg.get("await_rejoin") and el.world_size < ms.initial)
+
     while True:
-        while el.step_count < steps:
+        while more():
             k = state["k"] = el.step_count
             if kill is not None and k == kill:
                 _kill(ms)
+            if cfg.get("progress_dir") and k == 5:
+                open(os.path.join(cfg["progress_dir"], f"{me}.running"), "w").close()
             el.opt.zero_grad()
             inputs, targets = prob.data_fn(me, k)
             torch.nn.functional.mse_loss(model(inputs), targets).backward()
@@ -242,3 +249,72 @@ def trial(ms, cfg: dict) -> dict:
     out["events"] = el.events
     out["view"] = {"members": list(el.view.members), "generation": el.view.generation}
     return out
+
+
+def measure(world: int = 8, steps: int = 40, kill_step: int = 20, **kw) -> list[dict]:
+    """Stall and throughput of one killed member in three settings (the table of docs/ELASTIC.md)."""
+    runs = [
+        ("D-PSGD, one-peer exp., death reported by the launcher", dict(algo="dpsgd", topology="one_peer_exponential")),
+        ("D-PSGD, one-peer exp., death found by heartbeat (dead_after 2 s)", dict(algo="dpsgd", topology="ring")),
+        ("SlowMo over a ring, killed inside the slow all-reduce", dict(algo="slowmo", topology="ring", tau=4)),
+    ]
+    rows = []
+    for i, (name, cfg) in enumerate(runs):
+        cfg = dict(cfg, steps=steps, **kw)
+        if i == 2:
+            cfg["in_allreduce"] = (3, kill_step - 1 - (kill_step % 4))
+        else:
+            cfg["kills"] = {3: kill_step}
+        results, killed = run_members(trial, world, cfg, report_deaths=i != 1, dead_after=2.0)
+        ok = [v for status, v in results.values() if status == "ok"]
+        ev = [v["events"][0] for v in ok]
+        s = ev[0]["to_step"]
+        before = [(v["times"][s] - v["times"][2]) / (s - 2) for v in ok]
+        after = [(v["times"][steps] - v["times"][s + 1]) / (steps - s - 1) for v in ok]
+        rows.append(
+            {
+                "run": name,
+                "survivors": len(ok),
+                "detect_s": max(e["detected_at"] for e in ev) - killed[3],
+                **{k: max(e[k] for e in ev) for k in ("leave_s", "agree_s", "group_s", "replan_s", "stall_s")},
+                "steps_per_s_before": 1.0 / (sum(before) / len(before)),
+                "steps_per_s_after": 1.0 / (sum(after) / len(after)),
+            }
+        )
+    return rows
+
+
+def main(argv=None) -> int:
+    """``python -m lookahead_dist.testing.elastic_workers CONFIG_JSON OUT_DIR``: one member under the launcher;
+    ``... --measure``: print the rows of :func:`measure` as JSON lines."""
+    import json
+    import sys
+
+    from lookahead_dist.membership import Membership
+
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if argv[:1] == ["--measure"]:
+        for row in measure():
+            print(json.dumps(row))
+        return 0
+    cfg_text, out_dir = argv[:2]
+    cfg = json.loads(cfg_text)
+    cfg["kills"] = {int(k): v for k, v in cfg.get("kills", {}).items()}
+    torch.set_num_threads(1)
+    ms = Membership.from_env(heartbeat=0.1, dead_after=3.0, timeout=30.0, op_timeout=60.0)
+    try:
+        result = ("ok", trial(ms, cfg))
+    except Exception as exc:
+        result = ("error", f"{type(exc).__name__}: {exc}")
+    with open(os.path.join(out_dir, f"{ms.member}.{ms.incarnation}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    try:
+        ms.close()
+    except Exception:
+        pass
+    print(f"member {ms.member}: {result[0]}", flush=True)
+    return 0 if result[0] == "ok" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -146,7 +146,8 @@ def test_death_found_by_heartbeat_alone():
 
 
 def test_restarted_member_rejoins_with_a_neighbours_state():
-    cfg = dict(algo="slowmo", topology="ring", tau=3, alpha=1.0, beta=0.5, steps=45, kills={2: 4}, step_sleep=0.05)
+    cfg = dict(algo="slowmo", topology="ring", tau=3, alpha=1.0, beta=0.5, steps=30, kills={2: 4}, step_sleep=0.05)
+    cfg["await_rejoin"] = True  # the others go on until it is back, however slowly its process starts
     results, _ = run_members(trial, 4, cfg, restart={2: 1.5}, timeout=240)
     ok = survivors(results)
     assert results[(2, 0)][0] == "dead" and results[(2, 1)][0] == "ok"
