@@ -427,8 +427,8 @@ def _validate_outer(cfg: Config) -> bool:
         if value is not None and (path in cfg.given or value != getattr(defaults, key)):
             raise ConfigError(
                 f"{w}: {path} ({short_repr(value)}) contradicts {by}: the outer optimizer ({o.name}) replaces "
-                f"SlowMo's alpha and beta; configure the outer: section (outer.lr, ...) instead, and remove {path} (or set it "
-                "to null)"
+                f"SlowMo's alpha and beta; configure the outer: section (outer.lr, ...) instead, and remove {path} "
+                "(or set it to null)"
             )
         setattr(a, key, None)
     if a.name == "diloco" and "algorithm.topology" not in cfg.given and a.topology == defaults.topology:
