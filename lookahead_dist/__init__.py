@@ -13,10 +13,12 @@ from lookahead_dist.errors import (
     DivergenceError,
     InFlightError,
     LookaheadDistError,
+    MembershipError,
     MixingError,
     TopologyError,
 )
 from lookahead_dist.lookahead import Lookahead
+from lookahead_dist.membership import Membership
 from lookahead_dist.mixing import Schedule, consensus_rate, invariant_vector, lookahead_matrix
 from lookahead_dist.slowmo import SlowMo
 
@@ -29,6 +31,10 @@ def __getattr__(name):
         from lookahead_dist import topology
 
         return getattr(topology, name)
+    if name == "Elastic":  # imports the topology module too (see above)
+        from lookahead_dist.regroup import Elastic
+
+        return Elastic
     raise AttributeError(f"module 'lookahead_dist' has no attribute {name!r}")
 
 
@@ -38,9 +44,12 @@ __all__ = [
     "ConfigError",
     "Decentralized",
     "DivergenceError",
+    "Elastic",
     "InFlightError",
     "Lookahead",
     "LookaheadDistError",
+    "Membership",
+    "MembershipError",
     "MixingError",
     "Schedule",
     "SlowMo",

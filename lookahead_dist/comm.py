@@ -41,11 +41,13 @@ from lookahead_dist.errors import CommError
 __all__ = [
     "Comm",
     "Pending",
+    "connect_store",
     "drain_in_flight",
     "init_process_group",
     "destroy_process_group",
     "default_backend",
     "is_initialized",
+    "prefix_store",
     "release_destroyed_groups",
     "stop_heartbeats",
 ]
@@ -147,6 +149,18 @@ def host_store(timeout_s: float = 60.0):
     return dist.TCPStore(
         "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
     )
+
+
+def connect_store(host: str, port: int, timeout_s: float = 60.0, is_master: bool = False):
+    """A TCP store client of ``host:port`` (or its server when ``is_master``; port 0: a free one, ``.port``)."""
+    return dist.TCPStore(
+        host, int(port), is_master=is_master, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+
+
+def prefix_store(prefix: str, store, own_connection: bool = False):
+    """``store`` seen under ``prefix/``; ``own_connection``: over a new connection (for another thread)."""
+    return dist.PrefixStore(prefix, store.clone() if own_connection else store)
 
 
 def join_local_group(port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 60.0) -> None:

@@ -33,6 +33,10 @@ class CommError(LookaheadDistError, RuntimeError):
     """Communication between ranks failed: a mismatch between ranks, a lost peer, a timeout."""
 
 
+class MembershipError(CommError):
+    """Elastic members could not agree on a next generation, or this worker was left out of it."""
+
+
 class InFlightError(LookaheadDistError, RuntimeError):
     """A tensor that overlapped communication was still reading or writing was changed in place."""
 

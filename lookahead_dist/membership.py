@@ -29,23 +29,21 @@ A restarted worker asks to join (``join`` list in the store) and waits for a
 generation that includes it; the members move to it at their next sync point
 (:mod:`lookahead_dist.regroup` takes care of the state).
 
-This module creates the store clients (TCP, prefix); every process-group call
-goes through :mod:`lookahead_dist.comm`.
+Store clients and process groups are made through :mod:`lookahead_dist.comm`
+(:func:`~lookahead_dist.comm.connect_store` is re-exported here for the launcher).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 
-import torch.distributed as dist
-
 from lookahead_dist import comm
-from lookahead_dist.errors import CommError, ConfigError
+from lookahead_dist.comm import connect_store
+from lookahead_dist.errors import ConfigError, MembershipError
 
 __all__ = ["ROOT", "MembershipError", "View", "Membership", "connect_store", "dead_key"]
 
@@ -53,20 +51,9 @@ __all__ = ["ROOT", "MembershipError", "View", "Membership", "connect_store", "de
 ROOT = "lookahead_dist/elastic"
 
 
-class MembershipError(CommError):
-    """The members could not agree on a next generation, or this worker was left out of it."""
-
-
 def dead_key(member: int, incarnation: int, root: bool = False) -> str:
     """The store key a launcher sets when it sees the member's process exit (``root``: with the ROOT prefix)."""
     return f"{ROOT}/dead/{member}.{incarnation}" if root else f"dead/{member}.{incarnation}"
-
-
-def connect_store(host: str, port: int, timeout_s: float = 60.0, is_master: bool = False):
-    """A TCP store client of ``host:port`` (or its server when ``is_master``), the elastic job's shared store."""
-    return dist.TCPStore(
-        host, int(port), is_master=is_master, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
-    )
 
 
 def _leave_group() -> None:
@@ -192,13 +179,14 @@ class Membership:
             )
         if not (0 <= member < initial) or incarnation < 0:
             raise ConfigError(f"Membership: member must be in 0 .. {initial - 1} (got {member}), incarnation >= 0")
-        self.store = dist.PrefixStore(ROOT, store)
+        self.store = comm.prefix_store(ROOT, store)
         self.member, self.initial, self.incarnation = int(member), int(initial), int(incarnation)
         self.backend, self.heartbeat, self.dead_after = backend, float(heartbeat), float(dead_after)
         self.timeout, self.op_timeout = float(timeout), float(op_timeout)
         self.view: View | None = None
         self.timings = Timings()
-        self._beat = _Beat(dist.PrefixStore(ROOT, store.clone()), self._alive_key(member, incarnation), heartbeat)
+        beat_store = comm.prefix_store(ROOT, store, own_connection=True)
+        self._beat = _Beat(beat_store, self._alive_key(member, incarnation), heartbeat)
         self._beat.start()
 
     @classmethod
@@ -374,7 +362,7 @@ class Membership:
     def _form(self, view: View) -> View:
         """Form ``view``'s process group on its own store prefix."""
         t0 = time.monotonic()
-        pg_store = dist.PrefixStore(f"gen/{view.generation}/pg", self.store)
+        pg_store = comm.prefix_store(f"gen/{view.generation}/pg", self.store)
         comm.init_process_group(
             self.backend,
             timeout_s=self.op_timeout,

@@ -49,9 +49,9 @@ import yaml
 
 from lookahead_dist.comm import Comm
 from lookahead_dist.decentralized import Decentralized
-from lookahead_dist.errors import CommError, ConfigError, TopologyError
+from lookahead_dist.errors import CommError, ConfigError, MembershipError, TopologyError
 from lookahead_dist.generators import GENERATORS
-from lookahead_dist.membership import Membership, MembershipError, View
+from lookahead_dist.membership import Membership, View
 from lookahead_dist.slowmo import SlowMo
 from lookahead_dist.topology import Topology, builtin, from_mapping, load
 
