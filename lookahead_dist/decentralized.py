@@ -50,7 +50,24 @@ from lookahead_dist.errors import ConfigError, InFlightError
 from lookahead_dist.flat import flatten_module, without_weight
 from lookahead_dist.optim_utils import STEP_KEY, WrapperOptimizer, saved_step_count
 
-__all__ = ["Decentralized", "run_passive"]
+__all__ = ["Decentralized", "check_elastic", "run_passive"]
+
+
+def check_elastic(where: str, topology, world_size: int, **options) -> None:
+    """Refuse what elastic membership cannot run: an option in ``options`` that is set, or a topology with slow
+    agents or other than one fast agent per rank (:class:`~lookahead_dist.regroup.Elastic` re-plans one agent
+    per survivor and restarts from per-step copies of the state, which in-flight or sharded state would break)."""
+    for name, value in options.items():
+        if value:
+            raise ConfigError(
+                f"{where}(elastic=True): {name}={value!r} is not supported with elastic membership (the state it "
+                "keeps depends on communication in flight or on the world size); leave it at its default"
+            )
+    if topology is not None and (topology.slow_agents or topology.n != world_size):
+        raise ConfigError(
+            f"{where}(elastic=True): {topology.source}: elastic membership needs one fast agent per rank and no "
+            f"slow agents (got {topology.n} agents on {world_size} ranks, slow {list(topology.slow_agents)})"
+        )
 
 
 def _load_topology(topology, world_size: int):
@@ -76,6 +93,9 @@ class Decentralized(WrapperOptimizer):
         check: compare the schedule hash across ranks before training.
         overlap: mix in combine-then-adapt order with the exchange of x_k running behind
             the forward and backward at x_k (see the module docstring).
+        elastic: check that this wrapper can run under elastic membership (one fast agent per rank, no
+            slow agents, no overlap) and record it; :class:`~lookahead_dist.regroup.Elastic` runs it,
+            rebuilding it for each generation of members (see docs/ELASTIC.md).
 
     At most one fast agent may live on a rank here (several agents per rank: use
     :class:`~lookahead_dist.engine.MixingEngine` directly). Slow agents on this rank
@@ -94,11 +114,15 @@ class Decentralized(WrapperOptimizer):
         mix_buffers: bool = True,
         check: bool = True,
         overlap: bool = False,
+        elastic: bool = False,
     ):
         super().__init__(optimizer)
         self.comm = comm or Comm()
         self.topology = _load_topology(topology, self.comm.world_size)
         topo = self.topology
+        self.elastic = bool(elastic)
+        if self.elastic:
+            check_elastic("Decentralized", topo, self.comm.world_size, overlap=overlap)
         self.engine = MixingEngine(topo.schedule, topo.placement, self.comm, source=topo.source, check=check)
         rank = self.comm.rank
         local = topo.agents_on(rank)

@@ -30,9 +30,12 @@ The copy of the state costs one copy of the model and optimizer state per step
 depth apart, see :func:`max_lead`). Schedules use the global step: step k mixes
 with P_{k mod period} of the generation's schedule.
 
-Not supported with elastic membership: ``overlap``, ``overlap_slow`` and ``shard``
-(their state depends on in-flight communication or on the world size), several
-agents on one rank and slow agents on ranks of their own.
+Not supported with elastic membership: ``overlap``, ``overlap_slow``, ``shard`` and
+a compressed ``sync_dtype`` (their state depends on in-flight communication or on
+the world size), several agents on one rank and slow agents on ranks of their own;
+``elastic=True`` on the wrappers refuses them at construction. SlowMo's ``outer``
+optimizer and ``fragments`` are supported: their state (outer momentum, each
+fragment's gamma) does not depend on the world size and is restored with the rest.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ import torch
 import yaml
 
 from lookahead_dist.comm import Comm
-from lookahead_dist.decentralized import Decentralized
+from lookahead_dist.decentralized import Decentralized, check_elastic
 from lookahead_dist.errors import CommError, ConfigError, MembershipError, TopologyError
 from lookahead_dist.generators import GENERATORS
 from lookahead_dist.membership import Membership, View
@@ -191,17 +194,15 @@ def _gossip(opt) -> Decentralized | None:
 
 
 def _check_wrapper(opt, world_size: int) -> None:
+    """The checks of ``elastic=True`` (:func:`~lookahead_dist.decentralized.check_elastic`), for a wrapper built
+    without it too."""
     if not isinstance(opt, (Decentralized, SlowMo)):
         raise ConfigError(f"Elastic: make_opt must return a Decentralized or SlowMo, got {type(opt).__name__}")
-    for flag in ("overlap", "overlap_slow", "shard"):
-        if getattr(opt, flag, False):
-            raise ConfigError(f"Elastic: {type(opt).__name__}({flag}=True) is not supported with elastic membership")
+    options = {k: getattr(opt, k, False) for k in ("overlap", "overlap_slow", "shard")}
+    if isinstance(opt, SlowMo):
+        options["sync_dtype"] = None if opt.sync_dtype == "float32" else opt.sync_dtype
     base = _gossip(opt)
-    if base is not None and (base.topology.slow_agents or base.topology.n != world_size):
-        raise ConfigError(
-            f"Elastic: {base.topology.source}: elastic membership needs one fast agent per rank and no slow "
-            f"agents (got {base.topology.n} agents, slow {list(base.topology.slow_agents)})"
-        )
+    check_elastic(f"Elastic: {type(opt).__name__}", base and base.topology, world_size, **options)
 
 
 def _load(opt, state: dict) -> None:

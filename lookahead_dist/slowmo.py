@@ -83,7 +83,7 @@ import torch
 
 from lookahead_dist.comm import Comm
 from lookahead_dist.compress import CompressedSync, check_sync_dtype
-from lookahead_dist.decentralized import Decentralized
+from lookahead_dist.decentralized import Decentralized, check_elastic
 from lookahead_dist.engine import AverageInFlight, exact_average_, start_exact_average
 from lookahead_dist.errors import ConfigError
 from lookahead_dist.flat import flatten_module
@@ -169,6 +169,10 @@ class SlowMo(WrapperOptimizer):
         sync_dtype: the slow step's wire format: None or "float32" (the exact average), "bfloat16" or "int8"
             (the pseudo-gradient z - x_r is averaged compressed, with error feedback:
             :class:`~lookahead_dist.compress.CompressedSync`); not with ``shard`` or ``overlap_slow``.
+        elastic: check that this wrapper can run under elastic membership and record it: no ``overlap``,
+            ``overlap_slow``, ``shard`` or compressed ``sync_dtype`` (its residuals are cut by the world size),
+            a base of one fast agent per rank; ``outer`` and ``fragments`` are supported.
+            :class:`~lookahead_dist.regroup.Elastic` runs it, rebuilding it for each generation of members.
     """
 
     def __init__(
@@ -192,6 +196,7 @@ class SlowMo(WrapperOptimizer):
         scale_by_gamma: bool = False,
         fragments: int = 1,
         sync_dtype: str | None = None,
+        elastic: bool = False,
     ):
         if buffers is not None:
             warnings.warn(
@@ -222,8 +227,11 @@ class SlowMo(WrapperOptimizer):
                 f"SlowMo: sync_dtype={sync_dtype!r} compresses the blocking, unsharded slow step; it cannot be "
                 f"combined with {'shard=True' if shard else 'overlap_slow=True'}"
             )
+        if elastic:
+            options = dict(overlap=overlap, overlap_slow=overlap_slow, shard=shard)
+            check_elastic("SlowMo", None, 0, **options, sync_dtype=None if sync_dtype == "float32" else sync_dtype)
         super().__init__(optimizer)
-        self.sync_dtype = sync_dtype
+        self.sync_dtype, self.elastic = sync_dtype, bool(elastic)
         self.overlap, self.overlap_slow = bool(overlap), bool(overlap_slow)
         self.tau, self.alpha, self.beta, self.shard = tau, alpha, beta, bool(shard)
         self.fragments, self.scale_by_gamma = fragments, bool(scale_by_gamma)
@@ -232,8 +240,9 @@ class SlowMo(WrapperOptimizer):
         self.model = model
         if base is not None:
             self.base = Decentralized(
-                optimizer, model, base, comm=self.comm, mix_buffers=mix_buffers, overlap=self.overlap
-            )
+                optimizer, model, base, comm=self.comm, mix_buffers=mix_buffers, overlap=self.overlap,
+                elastic=self.elastic,
+            )  # fmt: skip
             topo = self.base.topology
             if topo.slow_agents or topo.n != self.comm.world_size:
                 raise ConfigError(

@@ -155,9 +155,9 @@ def _kill(ms, delay: float = 0.0) -> None:
 
 
 def trial(ms, cfg: dict) -> dict:
-    """One member of an elastic run (configuration keys: algo, topology, steps, lr, tau, alpha, beta, kills,
-    in_allreduce, seed, step_sleep, await_rejoin, progress_dir); returns its trace, restart states, events and
-    finalized model."""
+    """One member of an elastic run (configuration keys: algo, topology, steps, lr, tau, alpha, beta, outer,
+    fragments, kills, in_allreduce, seed, step_sleep, await_rejoin, progress_dir); returns its trace, restart
+    states, events and finalized model."""
     from lookahead_dist.decentralized import Decentralized
     from lookahead_dist.regroup import Elastic
     from lookahead_dist.slowmo import SlowMo
@@ -193,11 +193,16 @@ def trial(ms, cfg: dict) -> dict:
         def make_opt(comm, topo):
             return Decentralized(base, model, topo, comm=instrument(comm))
     else:
+        outer = None
+        if cfg.get("outer"):  # DiLoCo's outer step: Nesterov SGD on the pseudo-gradient
+
+            def outer(params):
+                return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
 
         def make_opt(comm, topo):
             return SlowMo(
                 base, model, tau=cfg["tau"], alpha=cfg.get("alpha"), beta=cfg.get("beta"), base=topo,
-                comm=instrument(comm),
+                comm=instrument(comm), outer=outer, fragments=cfg.get("fragments", 1), elastic=True,
             )  # fmt: skip
 
     el = Elastic(make_opt, cfg["topology"], membership=ms, sync_every=cfg.get("sync_every"))

@@ -174,3 +174,16 @@ def test_topology_that_cannot_be_re_planned_stops_every_survivor_with_its_name(t
         status, text = results[(m, 0)]
         assert status == "error" and "TopologyError" in text and "custom.yaml" in text, text
         assert "cannot be re-planned for 3 ranks" in text
+
+
+def test_diloco_outer_and_fragments_go_on_after_a_death():
+    # elastic=True SlowMo with an outer Nesterov SGD and 2 fragments over a ring: the outer momentum and each
+    # fragment's gamma come back with the survivors' copies, and the consensus is their exact average
+    cfg = dict(algo="slowmo", topology="ring", tau=4, outer=True, fragments=2, steps=12, kills={1: 6})
+    results, killed = run_members(trial, 4, cfg, timeout=180)
+    ok = survivors(results)
+    assert list(killed) == [1]
+    check_consistent(ok, cfg["steps"], [1])
+    for v in ok.values():
+        (e,) = v["events"]
+        assert e["world_size"] == 3 and e["to_step"] <= 6
