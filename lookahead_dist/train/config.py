@@ -19,6 +19,7 @@ and the key path (``optim.lr``, ``algorithm.tau``)::
     outer:      {name: null, lr: null, momentum: null, nesterov: null, betas: null, eps: null,
                  weight_decay: null}
     debug:      {nan_step: null, nan_rank: 0}
+    elastic:    {enabled: false, heartbeat: 0.5, dead_after: 10.0, timeout: 60.0, history: null, sync_every: null}
     steps: 400          # or epochs: 90 (exactly one of the two; the other null)
     epochs: null
     batch_size: 32      # per worker
@@ -86,6 +87,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "DebugConfig",
+    "ElasticConfig",
     "ModelConfig",
     "OptimConfig",
     "OuterConfig",
@@ -180,6 +182,32 @@ class OuterConfig:
 
 
 @dataclass
+class ElasticConfig:
+    """Elastic membership (docs/ELASTIC.md): a lost worker's survivors regroup and go on. Launch with
+    ``python -m lookahead_dist.elastic``. Seconds: ``heartbeat`` between beats in the store, ``dead_after`` a
+    member whose beat has not moved is dead, ``timeout`` to agree on and form a new group; ``history`` (null: the
+    topology's depth + 2) per-step copies of the state, ``sync_every`` (null: tau, else 10) steps between the
+    checks for restarted members asking to rejoin."""
+
+    enabled: bool = False
+    heartbeat: float = 0.5
+    dead_after: float = 10.0
+    timeout: float = 60.0
+    history: Optional[int] = None
+    sync_every: Optional[int] = None
+
+
+#: What elastic membership cannot run: (key path, the value that is refused or a test of it, why).
+ELASTIC_REFUSED = (
+    ("algorithm.overlap", True, "its exchange is in flight across the steps the survivors roll back"),
+    ("algorithm.overlap_slow", True, "its slow step is in flight across the steps the survivors roll back"),
+    ("algorithm.shard", True, "its slow state is cut by the world size"),
+    ("algorithm.sync_dtype", ("bfloat16", "int8"), "its error-feedback residuals are cut by the world size"),
+    ("resume", True, "an elastic run's checkpoints are one file per member, not a resumable world"),
+)
+
+
+@dataclass
 class DebugConfig:
     """Testing aids. ``nan_step``: multiply the loss by NaN at that step on rank ``nan_rank``.
     ``kill_step``: rank ``kill_rank`` kills itself (SIGKILL) at that step, on the first attempt only
@@ -199,6 +227,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     steps: Optional[int] = 400
     epochs: Optional[float] = None
     batch_size: int = 32  # per worker
@@ -506,6 +535,39 @@ def _validate_slow_step_options(cfg: Config) -> None:
             )
 
 
+def _validate_elastic(cfg: Config) -> None:
+    """The ``elastic:`` section, and the keys elastic membership cannot run with (naming both keys)."""
+    w, e = cfg.source, cfg.elastic
+    for key in ("heartbeat", "dead_after", "timeout"):
+        _require(getattr(e, key) > 0, w, f"elastic.{key}", "must be a positive number of seconds", getattr(e, key))
+    _require(
+        e.dead_after >= 2 * e.heartbeat,
+        w,
+        "elastic.dead_after",
+        f"must be at least twice elastic.heartbeat ({e.heartbeat:g}), or live members are declared dead",
+        e.dead_after,
+    )
+    for key in ("history", "sync_every"):
+        if getattr(e, key) is not None:
+            _check(w, check.check_int, getattr(e, key), f"elastic.{key}", low=1, hint=" (null: the default)")
+    if not e.enabled:
+        return
+    a = cfg.algorithm
+    _require(
+        a.name in ("slowmo", "diloco", "decentralized", "local_sgd"),
+        w,
+        "algorithm.name",
+        "cannot run with elastic.enabled: true (elastic membership runs slowmo, diloco, decentralized and "
+        "local_sgd; allreduce and lookahead on several ranks use DistributedDataParallel, whose group is fixed)",
+        a.name,
+    )
+    for path, refused, why in ELASTIC_REFUSED:
+        section, _, key = path.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, key)
+        if value in refused if isinstance(refused, tuple) else value == refused:
+            raise ConfigError(f"{w}: {path} ({short_repr(value)}) cannot be combined with elastic.enabled: true: {why}")
+
+
 def validate(cfg: Config) -> Config:
     """Check ranges and combinations; return ``cfg``. Does not touch the file system or import torchvision.
 
@@ -611,6 +673,7 @@ def validate(cfg: Config) -> Config:
     _require(cfg.backend in ("auto", "gloo", "nccl"), w, "backend", "must be auto, gloo or nccl", cfg.backend)
     _require(cfg.device in ("auto", "cpu", "cuda"), w, "device", "must be auto, cpu or cuda", cfg.device)
     _require(cfg.timeout_s > 0, w, "timeout_s", "must be > 0", cfg.timeout_s)
+    _validate_elastic(cfg)
     if cfg.debug.nan_step is not None:
         _check(w, check.check_int, cfg.debug.nan_step, "debug.nan_step", low=0)
     return cfg

@@ -31,6 +31,7 @@ The parts: :mod:`~lookahead_dist.train.schedules` (the learning rate),
 (the evaluated model), :mod:`~lookahead_dist.train.checkpoint` (atomic per-rank
 checkpoints, the manifest, resume) and :mod:`~lookahead_dist.train.rundir` (the
 run directory: config.yaml, metrics.jsonl, summary.json, model.pt, plot.png).
+With ``elastic: {enabled: true}`` the loop is :mod:`~lookahead_dist.train.elastic_run`'s.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def init_distributed(cfg: Config) -> torch.device:
     backend = cfg.backend if cfg.backend != "auto" else comm_mod.default_backend(device)
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("backend: nccl needs device cuda")
-    if not comm_mod.is_initialized():
+    if not comm_mod.is_initialized() and not cfg.elastic.enabled:  # elastic: Membership forms the groups
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             comm_mod.init_process_group(backend, timeout_s=cfg.timeout_s)
         else:
@@ -203,6 +204,10 @@ def train(cfg: Config) -> dict:
     """Run the configured training on this rank; return the summary (the same dict on every rank)."""
     t_start = time.perf_counter()
     device = init_distributed(cfg)
+    if cfg.elastic.enabled:  # a member of `python -m lookahead_dist.elastic`: survivors of a lost worker go on
+        from lookahead_dist.train.elastic_run import train_elastic
+
+        return train_elastic(cfg, device, _outer_factory(cfg), t_start)
     comm = Comm()
     try:
         return _train(cfg, comm, device, t_start)
