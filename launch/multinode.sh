@@ -7,6 +7,11 @@
 # Environment: NNODES (default 1), NODE_RANK (default 0), MASTER_ADDR (required when NNODES > 1),
 # MASTER_PORT (default 29500), NPROC_PER_NODE (default: the number of GPUs, else 1).
 # Every other argument goes to launch/train.py unchanged.
+#
+# ELASTIC=1: one `python -m lookahead_dist.elastic` supervisor per node instead of torchrun (node 0
+# hosts the store on MASTER_ADDR:MASTER_PORT) and elastic.enabled=true: a lost worker leaves the
+# others to go on; it is restarted up to MAX_RESTARTS times (default 3) and rejoins (docs/ELASTIC.md).
+#   ELASTIC=1 NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NPROC_PER_NODE=4 launch/multinode.sh
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,6 +27,17 @@ if [[ "${NNODES}" -gt 1 && -z "${MASTER_ADDR:-}" ]]; then
   exit 2
 fi
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+
+if [[ "${ELASTIC:-0}" == 1 ]]; then
+  exec "${PYTHON:-python}" -m lookahead_dist.elastic \
+    --nnodes="${NNODES}" \
+    --node_rank="${NODE_RANK}" \
+    --nproc_per_node="${NPROC_PER_NODE}" \
+    --master_addr="${MASTER_ADDR}" \
+    --master_port="${MASTER_PORT}" \
+    --max-restarts="${MAX_RESTARTS:-3}" \
+    "${here}/train.py" "$@" --set elastic.enabled=true
+fi
 
 exec "${TORCHRUN:-torchrun}" \
   --nnodes="${NNODES}" \
