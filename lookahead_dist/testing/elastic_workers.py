@@ -142,6 +142,10 @@ def momentum_of(opt, model) -> torch.Tensor | None:
     return torch.cat([b.reshape(-1) for b in bufs]).clone()
 
 
+def _flat(tensors) -> torch.Tensor | None:
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).clone() if tensors else None
+
+
 def _kill(ms, delay: float = 0.0) -> None:
     def go():
         time.sleep(delay)
@@ -216,6 +220,9 @@ def trial(ms, cfg: dict) -> dict:
                 "step": el.step_count,
                 "x": flat_model(model),
                 "momentum": momentum_of(base, model),
+                # SlowMo's slow copy z and slow momentum u (flat, None for D-PSGD)
+                "slow": _flat(getattr(el.opt, "slow", None)),
+                "slow_momentum": _flat(getattr(el.opt, "momentum", None)),
             }
         )
 

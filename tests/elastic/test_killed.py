@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lookahead_dist.mixing import Schedule
-from lookahead_dist.reference.simulate import Reference
+from lookahead_dist.reference.simulate import Reference, SlowMomentum
 from lookahead_dist.regroup import replan
 from lookahead_dist.testing.elastic_workers import run_members, trial
 from lookahead_dist.testing.verify import LR, SEED, make_problem, sgd
@@ -187,3 +187,39 @@ def test_diloco_outer_and_fragments_go_on_after_a_death():
     for v in ok.values():
         (e,) = v["events"]
         assert e["world_size"] == 3 and e["to_step"] <= 6
+
+
+def test_slowmo_after_a_death_matches_the_reference_restarted_on_the_survivors():
+    # SlowMo over a ring (tau 3, beta 0.5): after the change the survivors' run is the reference engine with
+    # slow momentum started at the restart step s from their models, base momenta, slow copy z and momentum u
+    cfg = dict(algo="slowmo", topology="ring", tau=3, alpha=1.0, beta=0.5, steps=12, kills={5: 4})
+    results, killed = run_members(trial, 8, cfg, timeout=240)
+    ok = survivors(results)
+    check_consistent(ok, cfg["steps"], [5])
+    last = {m: v["restarts"][-1] for m, v in ok.items()}
+    r0 = next(iter(last.values()))
+    s, members = r0["step"], r0["members"]
+    zs = [last[m]["slow"] for m in members]
+    us = [last[m]["slow_momentum"] for m in members]
+    assert all(torch.equal(z, zs[0]) for z in zs) and all(torch.equal(u, us[0]) for u in us)
+    topo = replan(cfg["topology"], len(members))
+    prob = make_problem(8, SEED)
+    x0 = torch.stack([last[m]["x"] for m in members])
+    ref = Reference(
+        topo.schedule, ["fast"] * len(members), x0, _Renamed(prob, members, 0), lambda p: sgd(p, LR),
+        slow_momentum=SlowMomentum(alpha=cfg["alpha"], beta=cfg["beta"], tau=cfg["tau"]), vectorized=False,
+    )  # fmt: skip
+    ref._k, ref._gammas = s, [LR]  # a ring's one phase; slow steps at the global steps (k + 1) % tau == 0
+    ref._z.copy_(zs[0])
+    ref._u.copy_(us[0])
+    for i, m in enumerate(members):
+        if last[m]["momentum"] is not None:
+            opt = ref.optimizers[i]
+            opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"] = last[m]["momentum"].clone()
+    worst = 0.0
+    for t in range(s + 1, cfg["steps"] + 1):
+        ref.step()
+        scale = max(1.0, float(ref.X.abs().max()))
+        for i, m in enumerate(members):
+            worst = max(worst, float((ok[m]["trace"][t] - ref.X[i]).abs().max()) / scale)
+    assert worst <= TOL, worst
