@@ -81,6 +81,7 @@ def test_a_join_request_is_taken_by_the_next_generation(store):
         ms.view = views[ms.member]
     assert not mss[0].pending_joins()
     store.append(f"{ROOT}/joins", "2.1,")
+    store.get(f"{ROOT}/joins")  # the append is not acknowledged; a read on its connection waits until it is applied
     assert mss[0].pending_joins() and mss[1].pending_joins()
     for ms in mss:
         ms._beat = type(ms._beat)(ms.store, ms._alive_key(ms.member, 0), 0.02)
