@@ -659,13 +659,14 @@ def steps_table(res: dict) -> str:
     ]
     head = (
         f"{'topology':<22} {'compute':>8} {'comm':>7} {'blocking':>8} {'overlap':>8} {'ov/max':>7} "
-        f"{'speedup':>7} {'pred ov':>8} {'err':>7} {'pred blk':>8} {'err':>7}"
+        f"{'speedup':>7} {'pred comm':>9} {'pred ov':>8} {'err':>7} {'pred blk':>8} {'err':>7}"
     )
     lines += [head, "-" * len(head)]
     for name, r in res["rows"].items():
         lines.append(
             f"{name:<22} {r['compute']:>8.3f} {r['comm']:>7.3f} {r['blocking']:>8.3f} {r['overlapped']:>8.3f} "
-            f"{r['over_vs_max']:>7.2f} {r['speedup']:>6.2f}x {r['pred_over']:>8.3f} {r['err_over']:>+7.1%} "
+            f"{r['over_vs_max']:>7.2f} {r['speedup']:>6.2f}x {r['pred_comm']:>9.3f} {r['pred_over']:>8.3f} "
+            f"{r['err_over']:>+7.1%} "
             f"{r['pred_block']:>8.3f} {r['err_block']:>+7.1%}"
         )
     g = res["rows"][DDP_GROUP]
@@ -807,12 +808,14 @@ def targets(steps: dict, tta: dict | None) -> list[tuple[str, float, float, str,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nodes", type=int, nargs="*", default=[4, 8], help="cluster sizes of the step measurements")
+    p.add_argument(
+        "--nodes", type=int, nargs="*", default=None, help="cluster sizes of the step measurements (default 4 8)"
+    )
     p.add_argument("--tta-nodes", type=int, default=4, help="cluster size of the time to accuracy (0: skip)")
     p.add_argument("--reps", type=int, default=5, help="repetitions of every step window (default 5)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the time to accuracy (default 3)")
     p.add_argument("--steps", type=int, default=30, help="steps of the first seed's runs (default 30)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 2 repetitions, 1 seed of 6 steps")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 4 nodes, 2 repetitions, 1 seed of 6 steps")
     p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "overlap_tta.png"), help="the plot's path")
     p.add_argument("--json", default=None, help="also write every measurement here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -830,6 +833,8 @@ def main(argv=None) -> int:
         return 2
     if args.quick:
         args.reps, args.seeds, args.steps = 2, 1, 6
+    if args.nodes is None:
+        args.nodes = [4] if args.quick else [4, 8]
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
