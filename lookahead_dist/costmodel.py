@@ -1,7 +1,10 @@
 """A network cost model: predicted communication and step time of a mixing schedule on a cluster of nodes.
 
-From the plans that :func:`lookahead_dist.plan.compile_plan` compiles for every
-phase and rank, the model predicts what one step costs each rank on a cluster
+From what every rank sends, all-reduces and combines in each phase (the
+messages of the plans :func:`lookahead_dist.plan.compile_plan` would compile,
+derived as arrays from the phase's stored entries by
+:func:`lookahead_dist.traffic.phase_traffic`, O(nnz), so 65,536 ranks cost
+seconds), the model predicts what one step costs each rank on a cluster
 of nodes, each node a NIC of ``bandwidth`` bits/s shared by its ranks (ranks
 numbered node by node: rank r lives on node r // ranks_per_node):
 
@@ -96,8 +99,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.mixing import Phase, Schedule
-from lookahead_dist.plan import Plan, compile_plan
+from lookahead_dist.mixing import Schedule
+from lookahead_dist.traffic import PhaseTraffic, RankTraffic, _unique, phase_traffic, rank_traffic, traffic_of_phase
 
 __all__ = [
     "GLOO_OP_OVERHEAD_S",
@@ -109,8 +112,10 @@ __all__ = [
     "usable_bandwidth",
     "ring_allreduce_time",
     "hierarchical_allreduce_time",
+    "PhaseTraffic",
     "rank_traffic",
     "traffic_of_phase",
+    "phase_traffic",
     "phase_cost",
     "schedule_cost",
     "step_times",
@@ -200,47 +205,6 @@ def hierarchical_allreduce_time(nbytes: float, nodes: int, per_node: int, links:
     return inter + intra
 
 
-@dataclass(frozen=True)
-class RankTraffic:
-    """What one rank moves in one phase: (peer, bytes) sent and received, all-reduce groups, combine bytes."""
-
-    rank: int
-    sends: tuple[tuple[int, int], ...] = ()
-    recvs: tuple[tuple[int, int], ...] = ()
-    allreduces: tuple[tuple[int, ...], ...] = ()
-    combine_bytes: int = 0
-
-    def shifted(self, by: int, world: int) -> "RankTraffic":
-        """The traffic of rank ``rank + by`` under the symmetry r -> r + by (mod world) of the schedule."""
-
-        def s(r):
-            return (r + by) % world
-
-        groups = tuple(g if len(g) == world else tuple(sorted(s(r) for r in g)) for g in self.allreduces)
-        return RankTraffic(
-            s(self.rank),
-            tuple(sorted((s(p), b) for p, b in self.sends)),
-            tuple(sorted((s(p), b) for p, b in self.recvs)),
-            groups,
-            self.combine_bytes,
-        )
-
-
-def rank_traffic(plan: Plan, buffer_bytes: int) -> RankTraffic:
-    """The messages, all-reduce groups and combine bytes of one compiled plan, for agents of ``buffer_bytes``."""
-    sends, recvs, combine = (), (), 0
-    if plan.exchange is not None:
-        ex = plan.exchange
-        sends = tuple((peer, len(agents) * buffer_bytes) for peer, agents in ex.sends)
-        recvs = tuple((peer, len(agents) * buffer_bytes) for peer, agents in ex.recvs)
-        combine += sum((len(ws) + 1) * buffer_bytes for _, ws in ex.combine)
-    if plan.local is not None:
-        combine += sum((len(ws) + 1) * buffer_bytes for _, ws in plan.local.combine)
-    for ar in plan.allreduces:
-        combine += (len(ar.coeffs) + 1 + len(ar.receivers)) * buffer_bytes
-    return RankTraffic(plan.rank, sends, recvs, tuple(ar.ranks for ar in plan.allreduces), combine)
-
-
 @dataclass
 class PhaseCost:
     """The predicted cost of one phase on every rank (arrays indexed by rank, seconds and bytes)."""
@@ -257,120 +221,101 @@ class PhaseCost:
         return float(np.max(self.comm_s + self.combine_s)) if len(self.comm_s) else 0.0
 
 
-def _symmetry(P: Phase, placement: tuple[int, ...], candidates) -> int | None:
-    """The smallest s in ``candidates`` with P invariant under agent (= rank) i -> i + s mod n, if any."""
-    n = P.n
-    if placement != tuple(range(n)):
-        return None
-    for s in sorted({int(c) for c in candidates if 0 < c < n and n % c == 0}):
-        if P.shift_invariant(s):
-            return s
-    return None
+def _ring_times(nbytes: int, p: np.ndarray, bytes_per_s: float, step_latency_s: float) -> np.ndarray:
+    """:func:`ring_allreduce_time` of every entry of ``p`` (one hop per link), in the same arithmetic."""
+    return np.where(p > 1, 2 * (p - 1) / np.maximum(p, 1) * nbytes / bytes_per_s + 2 * (p - 1) * step_latency_s, 0.0)
 
 
-def traffic_of_phase(P, placement, buffer_bytes: int, cache: dict | None = None) -> list[RankTraffic]:
-    """Every rank's :class:`RankTraffic` for one phase, compiling as few plans as the schedule's symmetry allows.
+def _allreduce_loads(t: PhaseTraffic, nbytes: int, rpn: int, nnodes: int, links: Links):
+    """For every distinct all-reduce group of ``t``: (its node loads: group, node, bytes; time outside the NICs;
+    does it leave one node). A ring in the group's order puts 2 (p - 1)/p x bytes on the node each hop leaves;
+    a hierarchical one 2 (m - 1)/m x bytes on each of its m nodes."""
+    ptr = t.group_ptr
+    G = ptr.size - 1
+    p = np.diff(ptr)
+    gid = np.repeat(np.arange(G), p)
+    node = t.group_ranks // rpn
+    pairs, per = _unique(gid * nnodes + node, counts=True)  # (group, node) with its ranks
+    pg, pn = pairs // nnodes, pairs % nnodes
+    m = np.bincount(pg, minlength=G)
+    c = np.zeros(G, dtype=np.int64)
+    np.maximum.at(c, pg, per)
+    spans = m > 1
+    hier = (c > 1) if links.allreduce == "auto" else np.full(G, links.allreduce == "hierarchical")
+    hier &= spans
+    step = links.latency_s + links.op_overhead_s
+    rest = np.where(
+        spans,
+        np.where(hier, _ring_times(nbytes, c, links.intra_bytes_per_s, links.op_overhead_s) + 2 * (m - 1) * step, 0.0),
+        _ring_times(nbytes, p, links.intra_bytes_per_s, links.op_overhead_s),
+    )
+    rest = np.where(spans & ~hier, 2 * (p - 1) * step, rest)
+    # hierarchical: every node of the group; ring: the node each crossing hop leaves, hop by hop
+    keep = hier[pg]
+    load_g, load_n = [pg[keep]], [pn[keep]]
+    load_b = [(2 * (m - 1) / np.maximum(m, 1) * nbytes)[pg[keep]]]
+    nxt = np.arange(gid.size) + 1
+    nxt[ptr[1:][p > 0] - 1] = ptr[:-1][p > 0]  # the ring closes on the group's first rank
+    hop = (node != node[nxt]) & (spans & ~hier)[gid]
+    if np.any(hop):
+        key = gid[hop] * nnodes + node[hop]
+        k = _unique(key)
+        b = np.zeros(k.size)
+        np.add.at(b, np.searchsorted(k, key), (2 * (p - 1) / np.maximum(p, 1) * nbytes)[gid[hop]])
+        load_g.append(k // nnodes), load_n.append(k % nnodes), load_b.append(b)
+    lg, ln, lb = np.concatenate(load_g), np.concatenate(load_n), np.concatenate(load_b)
+    order = np.argsort(lg, kind="stable")  # groups add to the NICs in their order
+    return (lg[order], ln[order], lb[order]), rest, spans
 
-    When P (one agent per rank) is invariant under r -> r + s (s the smallest such divisor of n), only
-    ranks 0 .. s - 1 are compiled and the others are their shifts; otherwise every rank is compiled.
-    ``cache`` (a dict) keeps plans across calls, keyed by the matrix's stored entries. ``P`` is a
-    :class:`~lookahead_dist.mixing.Phase` (read sparsely) or a dense matrix.
+
+def phase_cost(
+    traffic: PhaseTraffic | list[RankTraffic], buffer_bytes: int, ranks_per_node: int, links: Links
+) -> PhaseCost:
+    """The predicted cost of one phase from every rank's traffic (see the module's formulas).
+
+    ``traffic`` is a :class:`~lookahead_dist.traffic.PhaseTraffic` (:func:`phase_traffic`) or a list of
+    :class:`RankTraffic`, rank r at position r. O(messages + group members) numpy work.
     """
-    P = P if isinstance(P, Phase) else Phase(np.asarray(P, dtype=np.float64))
-    placement = tuple(int(r) for r in placement)
-    world = max(placement) + 1
-    key = (P.n, P.digest(), placement)
-    plans = None if cache is None else cache.get(key)
-    if plans is None:
-        n = P.n
-        s = _symmetry(P, placement, [d for d in range(1, n // 2 + 1) if n % d == 0 and d <= 4096])
-        base = [compile_plan(P, placement, r) for r in range(s if s else world)]
-        plans = (s, base)
-        if cache is not None:
-            cache[key] = plans
-    s, base = plans
-    first = [rank_traffic(p, buffer_bytes) for p in base]
-    if not s:
-        return first
-    return [first[r % s].shifted(r - r % s, world) if r >= s else first[r] for r in range(world)]
-
-
-def _allreduce_shape(group: tuple[int, ...], nbytes: int, rpn: int, links: Links):
-    """(NIC bytes per node, time outside the NICs) of one all-reduce over ``group`` (ring or hierarchical)."""
-    p = len(group)
-    nodes: dict[int, int] = {}
-    for r in group:
-        nodes[r // rpn] = nodes.get(r // rpn, 0) + 1
-    m, c = len(nodes), max(nodes.values())
-    if m == 1:
-        return {}, ring_allreduce_time(nbytes, p, links.intra_bytes_per_s, links.op_overhead_s)
-    algo = links.allreduce
-    if algo == "auto":
-        algo = "hierarchical" if c > 1 else "ring"
-    if algo == "hierarchical":
-        per_node = 2 * (m - 1) / m * nbytes
-        rest = ring_allreduce_time(nbytes, c, links.intra_bytes_per_s, links.op_overhead_s) + 2 * (m - 1) * (
-            links.latency_s + links.op_overhead_s
-        )
-        return {u: per_node for u in nodes}, rest
-    load: dict[int, float] = {}
-    for a, b in zip(group, group[1:] + group[:1]):  # the ring in rank order: each hop carries 2 (p - 1)/p x bytes
-        if a // rpn != b // rpn:
-            load[a // rpn] = load.get(a // rpn, 0.0) + 2 * (p - 1) / p * nbytes
-    return load, 2 * (p - 1) * (links.latency_s + links.op_overhead_s)
-
-
-def phase_cost(traffic: list[RankTraffic], buffer_bytes: int, ranks_per_node: int, links: Links) -> PhaseCost:
-    """The predicted cost of one phase from every rank's traffic (see the module's formulas)."""
-    world, rpn = len(traffic), ranks_per_node
+    t = traffic if isinstance(traffic, PhaseTraffic) else PhaseTraffic.from_ranks(traffic)
+    world, rpn = t.world, ranks_per_node
     nnodes = -(-world // rpn)
-    egress, ingress = np.zeros(nnodes), np.zeros(nnodes)
-    intra_sent, total_bytes, ar_bytes, intra_bytes = np.zeros(world), 0.0, 0.0, 0.0
-    senders: list[set] = [set() for _ in range(world)]
     B = links.inter_bytes_per_s
-    for t in traffic:
-        u = t.rank // rpn
-        for peer, b in t.sends:
-            if peer // rpn != u:
-                total_bytes += b
-                egress[u] += b
-                ingress[peer // rpn] += b
-                senders[peer].add(u)
-            else:
-                intra_bytes += b
-                intra_sent[t.rank] += b
-    comm, combine, sent = np.zeros(world), np.zeros(world), np.zeros(world)
+    src, dst, nb = t.send_src, t.send_dst, t.send_bytes
+    su, sv = src // rpn, dst // rpn
+    out = su != sv
+    egress = np.bincount(su[out], weights=nb[out], minlength=nnodes).astype(np.float64)
+    ingress = np.bincount(sv[out], weights=nb[out], minlength=nnodes).astype(np.float64)
+    intra_sent = np.bincount(src[~out], weights=nb[~out], minlength=world).astype(np.float64)
+    total_bytes, intra_bytes = float(np.sum(nb[out])), float(np.sum(nb[~out]))
     # all-reduces of one phase run at once: groups that share a node share its NIC
-    shapes: dict = {}
-    for g in (g for t in traffic for g in t.allreduces):
-        if g not in shapes:  # once per group: 65,536 ranks share one
-            shapes[g] = _allreduce_shape(g, buffer_bytes, rpn, links)
+    (lg, ln, lb), rest, spans = _allreduce_loads(t, buffer_bytes, rpn, nnodes, links)
     ar_load = np.zeros(nnodes)
-    for load, _ in shapes.values():
-        for u, b in load.items():
-            ar_load[u] += b
-    groups_done = {g: max((ar_load[u] for u in load), default=0.0) / B + rest for g, (load, rest) in shapes.items()}
-    for g, (load, _) in shapes.items():
-        if load:
-            ar_bytes += 2 * (len(g) - 1) * buffer_bytes
-        else:  # inside one node
-            intra_bytes += 2 * (len(g) - 1) * buffer_bytes
-    for t in traffic:
-        u = t.rank // rpn
-        for g in t.allreduces:
-            comm[t.rank] += groups_done[g]
-            sent[t.rank] += 2 * (len(g) - 1) * buffer_bytes // len(g)
-        if t.sends or t.recvs:
-            inter = max([egress[u], ingress[u]] + [egress[v] for v in senders[t.rank]]) / B
-            intra = intra_sent[t.rank] / links.intra_bytes_per_s
-            crosses = any(p // rpn != u for p, _ in t.sends + t.recvs)
-            comm[t.rank] += (
-                max(inter, intra)
-                + (links.latency_s if crosses else 0.0)
-                + links.op_overhead_s * (len(t.sends) + len(t.recvs))
-            )
-        sent[t.rank] += sum(b for _, b in t.sends)
-        combine[t.rank] = t.combine_bytes / links.memory_bytes_per_s
+    np.add.at(ar_load, ln, lb)
+    worst = np.zeros(rest.size)
+    np.maximum.at(worst, lg, ar_load[ln])
+    done = worst / B + rest
+    p = np.diff(t.group_ptr)
+    moved = 2 * (p - 1) * buffer_bytes
+    ar_bytes, intra_bytes = float(np.sum(moved[spans])), intra_bytes + float(np.sum(moved[~spans]))
+    comm, sent = np.zeros(world), np.zeros(world)
+    np.add.at(comm, t.member_rank, done[t.member_group])
+    np.add.at(sent, t.member_rank, (moved // np.maximum(p, 1))[t.member_group])
+    sent += np.bincount(src, weights=nb, minlength=world)
+    msgs = np.bincount(src, minlength=world) + np.bincount(t.recv_rank, minlength=world)
+    ranks_node = np.arange(world) // rpn
+    worst_in = np.maximum(egress, ingress)[ranks_node]
+    np.maximum.at(worst_in, dst[out], egress[su[out]])
+    crosses = np.zeros(world, dtype=bool)
+    crosses[src[out]] = True
+    crosses[t.recv_rank[t.recv_peer // rpn != t.recv_rank // rpn]] = True
+    term = (
+        np.maximum(worst_in / B, intra_sent / links.intra_bytes_per_s)
+        + np.where(crosses, links.latency_s, 0.0)
+        + links.op_overhead_s * msgs
+    )
+    ex = msgs > 0
+    comm[ex] += term[ex]
+    combine = t.combine_bytes / links.memory_bytes_per_s
     cpu_limited = False
     if links.cpu_bytes_per_s is not None and (total_bytes or ar_bytes or intra_bytes):
         cpu_ar = ar_bytes / (links.cpu_allreduce_bytes_per_s or links.cpu_bytes_per_s)
@@ -440,8 +385,8 @@ def schedule_cost(
         raise ConfigError(f"ranks_per_node: must be an integer >= 1, got {ranks_per_node!r}")
     if not isinstance(buffer_bytes, (int, np.integer)) or buffer_bytes < 0:
         raise ConfigError(f"buffer_bytes: must be an integer >= 0, got {buffer_bytes!r}")
-    placement = tuple(int(r) for r in placement)
-    world = max(placement) + 1
+    placement = np.asarray(placement if isinstance(placement, np.ndarray) else list(placement), dtype=np.int64)
+    world = int(placement.max()) + 1
     if world % ranks_per_node:
         raise ConfigError(f"ranks_per_node: {ranks_per_node} does not divide the {world} ranks")
     costs = []
@@ -450,7 +395,7 @@ def schedule_cost(
             z = np.zeros(world)
             costs.append(PhaseCost(z, z.copy(), z.copy(), np.zeros(world // ranks_per_node)))
             continue
-        traffic = traffic_of_phase(ph, placement, buffer_bytes, cache)
+        traffic = phase_traffic(ph, placement, buffer_bytes, cache)
         costs.append(phase_cost(traffic, buffer_bytes, ranks_per_node, links))
     return ScheduleCost(costs, [ph.repeat for ph in schedule.phases])
 

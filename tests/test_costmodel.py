@@ -9,14 +9,17 @@ import math
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from lookahead_dist.costmodel import (
     WIRE_FRACTION,
     Links,
+    PhaseTraffic,
     RankTraffic,
     hierarchical_allreduce_time,
     overlapped_step_time,
     phase_cost,
+    phase_traffic,
     rank_traffic,
     ring_allreduce_time,
     schedule_cost,
@@ -269,3 +272,179 @@ def test_concurrent_allreduces_leaving_one_node_share_its_nic():
     assert c.comm_s == pytest.approx(2 * MB40 / B, rel=1e-12)
     one = cost(P, 8, 1, Links(GBIT, **BARE))  # one rank per node: each NIC carries one group's ring
     assert one.comm_s == pytest.approx(MB40 / B, rel=1e-12)
+
+
+# -- the array form against the per-rank computation it replaced -------------------------------------
+
+
+def _reference_allreduce_shape(group, nbytes, rpn, links):
+    p = len(group)
+    nodes: dict[int, int] = {}
+    for r in group:
+        nodes[r // rpn] = nodes.get(r // rpn, 0) + 1
+    m, c = len(nodes), max(nodes.values())
+    if m == 1:
+        return {}, ring_allreduce_time(nbytes, p, links.intra_bytes_per_s, links.op_overhead_s)
+    algo = links.allreduce
+    if algo == "auto":
+        algo = "hierarchical" if c > 1 else "ring"
+    if algo == "hierarchical":
+        per_node = 2 * (m - 1) / m * nbytes
+        rest = ring_allreduce_time(nbytes, c, links.intra_bytes_per_s, links.op_overhead_s) + 2 * (m - 1) * (
+            links.latency_s + links.op_overhead_s
+        )
+        return {u: per_node for u in nodes}, rest
+    load: dict[int, float] = {}
+    for a, b in zip(group, group[1:] + group[:1]):
+        if a // rpn != b // rpn:
+            load[a // rpn] = load.get(a // rpn, 0.0) + 2 * (p - 1) / p * nbytes
+    return load, 2 * (p - 1) * (links.latency_s + links.op_overhead_s)
+
+
+def _reference_phase_cost(traffic, buffer_bytes, rpn, links):
+    """The cost model's formulas evaluated rank by rank, one Python object per rank."""
+    world = len(traffic)
+    nnodes = -(-world // rpn)
+    egress, ingress = np.zeros(nnodes), np.zeros(nnodes)
+    intra_sent, total_bytes, ar_bytes, intra_bytes = np.zeros(world), 0.0, 0.0, 0.0
+    senders: list[set] = [set() for _ in range(world)]
+    B_ = links.inter_bytes_per_s
+    for t in traffic:
+        u = t.rank // rpn
+        for peer, b in t.sends:
+            if peer // rpn != u:
+                total_bytes += b
+                egress[u] += b
+                ingress[peer // rpn] += b
+                senders[peer].add(u)
+            else:
+                intra_bytes += b
+                intra_sent[t.rank] += b
+    comm, combine, sent = np.zeros(world), np.zeros(world), np.zeros(world)
+    shapes: dict = {}
+    for g in (g for t in traffic for g in t.allreduces):
+        if g not in shapes:
+            shapes[g] = _reference_allreduce_shape(g, buffer_bytes, rpn, links)
+    ar_load = np.zeros(nnodes)
+    for load, _ in shapes.values():
+        for u, b in load.items():
+            ar_load[u] += b
+    done = {g: max((ar_load[u] for u in load), default=0.0) / B_ + rest for g, (load, rest) in shapes.items()}
+    for g, (load, _) in shapes.items():
+        if load:
+            ar_bytes += 2 * (len(g) - 1) * buffer_bytes
+        else:
+            intra_bytes += 2 * (len(g) - 1) * buffer_bytes
+    for t in traffic:
+        u = t.rank // rpn
+        for g in t.allreduces:
+            comm[t.rank] += done[g]
+            sent[t.rank] += 2 * (len(g) - 1) * buffer_bytes // len(g)
+        if t.sends or t.recvs:
+            inter = max([egress[u], ingress[u]] + [egress[v] for v in senders[t.rank]]) / B_
+            intra = intra_sent[t.rank] / links.intra_bytes_per_s
+            crosses = any(p // rpn != u for p, _ in t.sends + t.recvs)
+            comm[t.rank] += (
+                max(inter, intra)
+                + (links.latency_s if crosses else 0.0)
+                + links.op_overhead_s * (len(t.sends) + len(t.recvs))
+            )
+        sent[t.rank] += sum(b for _, b in t.sends)
+        combine[t.rank] = t.combine_bytes / links.memory_bytes_per_s
+    cpu_limited = False
+    if links.cpu_bytes_per_s is not None and (total_bytes or ar_bytes or intra_bytes):
+        cpu_ar = ar_bytes / (links.cpu_allreduce_bytes_per_s or links.cpu_bytes_per_s)
+        cpu_s = (
+            total_bytes / links.cpu_bytes_per_s
+            + cpu_ar
+            + intra_bytes / (links.cpu_intra_bytes_per_s or links.cpu_bytes_per_s)
+        )
+        s_ar = links.cpu_allreduce_serial_fraction
+        s_ar = links.cpu_serial_fraction if s_ar is None else s_ar
+        share = links.cpu_serial_fraction + (s_ar - links.cpu_serial_fraction) * cpu_ar / cpu_s
+        active = comm > 0
+        cpu_limited = bool(np.any(comm[active] < cpu_s))
+        big, small = np.maximum(comm[active], cpu_s), np.minimum(comm[active], cpu_s)
+        comm[active] = big + share * small
+    return comm, combine, sent, egress, cpu_limited
+
+
+def _random_phase(n, seed, density=0.3):
+    rng = np.random.default_rng(seed)
+    M = (rng.random((n, n)) < density) * rng.random((n, n)) + np.eye(n) * 0.1
+    return Phase(sp.csc_array(M / M.sum(axis=0)))
+
+
+def _equivalence_cases():
+    from lookahead_dist.phase import Averaging
+    from lookahead_dist.topology import load
+
+    one = lambda n: tuple(range(n))  # noqa: E731
+    cases = [
+        ("ring", Phase(ring(12)), one(12)),
+        ("torus", Phase(torus(3, 4), shape=(3, 4)), one(12)),
+        ("complete", Phase(Averaging(1, 16)), one(16)),
+        ("exponential", Phase(exponential(16)), one(16)),
+        ("random edges", _random_phase(10, 0), one(10)),
+        ("ring, 3 agents per rank", Phase(ring(12)), tuple(r // 3 for r in range(12))),
+        ("complete, agents dealt round", Phase(Averaging(1, 12)), tuple(r % 4 for r in range(12))),
+        ("two averaging groups on the same ranks", Phase(Averaging(1, 4, 2)), tuple(r // 2 for r in range(8))),
+        ("random edges, random placement", _random_phase(12, 1, 0.2), (0, 2, 1, 1, 3, 0, 2, 3, 3, 1, 0, 2)),
+    ]
+    cases += [(f"one-peer exponential {k}", ph, one(16)) for k, ph in enumerate(one_peer_exponential(16))]
+    cases += [(f"hierarchical {k}", ph, one(12)) for k, ph in enumerate(hierarchical(3, 4, "exponential"))]
+    cases += [(f"hierarchical 4x2 {k}", ph, (0, 1, 0, 1, 2, 3, 2, 3)) for k, ph in enumerate(hierarchical(4, 2))]
+    for f in ("directed_push_sum", "slow_agent_own_rank", "two_agent"):
+        t = load(f"topologies/{f}.yaml")
+        cases += [(f"{f} {k}", ph, t.placement) for k, ph in enumerate(t.schedule.phases) if not ph.is_identity]
+    return cases
+
+
+EQUIV_LINKS = [
+    Links(GBIT, **BARE),
+    Links(GBIT, latency_s=1e-4, op_overhead_s=2e-4, intra_bandwidth_bits=8e9, memory_bytes_per_s=16e9),
+    Links(GBIT, latency_s=5e-6, allreduce="ring", cpu_bytes_per_s=1e9, cpu_serial_fraction=0.3),
+    Links(
+        GBIT,
+        allreduce="hierarchical",
+        cpu_bytes_per_s=2e9,
+        cpu_allreduce_bytes_per_s=0.7e9,
+        cpu_intra_bytes_per_s=0.3e9,
+        cpu_serial_fraction=0.1,
+        cpu_allreduce_serial_fraction=0.6,
+    ),
+]
+
+
+@pytest.mark.parametrize("name, ph, placement", _equivalence_cases(), ids=lambda x: x if isinstance(x, str) else "")
+def test_array_traffic_and_cost_equal_the_per_rank_computation(name, ph, placement):
+    world = max(placement) + 1
+    nbytes = 1_000_003
+    per_rank = [rank_traffic(compile_plan(ph, placement, r), nbytes) for r in range(world)]
+    arrays = phase_traffic(ph, placement, nbytes)
+    assert arrays.ranks() == per_rank  # the same messages, groups and combine bytes as the compiled plans
+    listed = PhaseTraffic.from_ranks(per_rank)
+    for field in ("send_src", "send_dst", "send_bytes", "recv_rank", "recv_peer", "combine_bytes", "member_rank"):
+        assert np.array_equal(getattr(arrays, field), getattr(listed, field)), field
+    groups = [arrays.group(g) for g in arrays.member_group.tolist()]
+    assert groups == [listed.group(g) for g in listed.member_group.tolist()]
+    for rpn in [d for d in (1, 2, 3, 4) if world % d == 0]:
+        for links in EQUIV_LINKS:
+            want = _reference_phase_cost(per_rank, nbytes, rpn, links)
+            for got in (phase_cost(arrays, nbytes, rpn, links), phase_cost(per_rank, nbytes, rpn, links)):
+                have = (got.comm_s, got.combine_s, got.bytes_sent, got.node_egress, got.cpu_limited)
+                for a, b in zip(have[:4], want[:4]):
+                    np.testing.assert_array_equal(a, b)  # the same arithmetic, in the same order
+                assert have[4] == want[4]
+
+
+def test_schedule_cost_reads_the_phase_without_compiling_plans(monkeypatch):
+    # 65,536 ranks of one-peer exponential's first hop: O(n) arrays, no per-rank plan
+    import lookahead_dist.traffic as traffic
+
+    monkeypatch.setattr(traffic, "compile_plan", None)
+    n = 65_536
+    c = schedule_cost(Schedule([one_peer_exponential(n)[0]]), range(n), MB40, Links(GBIT, **BARE), 8)
+    # every node sends one 40 MB buffer out (its last rank's) and takes one in
+    assert c.comm_s == pytest.approx(MB40 / B, rel=1e-12) and c.bytes_per_rank == MB40
+    assert c.phases[0].node_egress.shape == (n // 8,) and np.all(c.phases[0].node_egress == MB40)
