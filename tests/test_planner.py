@@ -192,17 +192,12 @@ def test_topology_command_line_delegates_plan(capsys):
 
 def test_plan_rows_at_65536_ranks_read_the_phases_without_compiling_plans(monkeypatch):
     # the cost of every row comes from the phases' stored entries (O(nnz) arrays), never from 65,536 plans
-    import time
-
     import lookahead_dist.traffic as traffic
 
     def refuse(*args, **kwargs):
         raise AssertionError("a plan was compiled")
 
     monkeypatch.setattr(traffic, "compile_plan", refuse)
-    start = time.process_time()
     rows = {r.name: r for r in plan_rows(65_536, 8_192, Links(25e9, op_overhead_s=0.0), 25e6)}
-    took = time.process_time() - start
     assert rows["ring"].bytes_per_rank == 2 * 100e6  # two 100 MB buffers out of each rank
     assert rows["complete (parameter all-reduce)"].rate == 0.0
-    assert took < 15.0, f"{took:.1f} s of CPU for the rows at 65,536 ranks"

@@ -7,7 +7,6 @@ independent computation, not against itself.
 
 import hashlib
 import math
-import time
 
 import numpy as np
 import pytest
@@ -312,10 +311,8 @@ def test_dense_forms_are_refused_above_their_limit():
 
 
 def test_sizes_beyond_max_agents_are_refused_up_front_and_200000_loads():
-    t0 = time.perf_counter()
     with pytest.raises(TopologyError, match=f"{gen.MAX_AGENTS + 1} agents exceed the limit MAX_AGENTS = 524288"):
         builtin("exponential", n=gen.MAX_AGENTS + 1)
-    assert time.perf_counter() - t0 < 1.0
     t = builtin("ring", world_size=200_000)  # 298 GiB dense: refused with MemoryError before
     assert t.n == 200_000 and 1 - t.schedule.consensus_rate() == pytest.approx(
         2 / 3 * (1 - math.cos(2 * math.pi / t.n))
@@ -343,10 +340,8 @@ def test_complete_at_65536_is_one_all_reduce_with_a_plan_of_one_coefficient():
 
 
 def test_one_peer_exponential_at_65536_plans_each_rank_from_its_own_rows():
-    t0 = time.perf_counter()
     t = builtin("one_peer_exponential", world_size=65536)
-    plans = [compile_plan(ph, t.placement, 7) for ph in t.schedule.phases]
-    assert time.perf_counter() - t0 < 10.0  # some 0.5 s alone; generous for a loaded machine
+    plans = [compile_plan(ph, t.placement, 7) for ph in t.schedule.phases]  # times: bench/scale.py
     assert t.schedule.consensus_rate() == pytest.approx(0.0, abs=1e-12)
     *gossip, last = plans
     assert last.exchange is None and last.allreduces[0].ranks == (7, 7 + 32768)  # equal columns: an all-reduce
