@@ -18,6 +18,7 @@ from lookahead_dist.testing import workers
 from lookahead_dist.testing.spawn import spawn
 from lookahead_dist.testing.verify import consensus_distances, measured_rate
 from lookahead_dist.topology import load
+from tests.test_engine_dist import FOUR  # every shipped 4-rank topology, the blocking suite's list
 
 pytestmark = pytest.mark.dist
 
@@ -27,17 +28,6 @@ SLOWMO_STEPS = 13
 W = 4
 CTA = "combine_then_adapt"
 
-FOUR = [
-    "ring.yaml",
-    "hypercube.yaml",
-    "exponential.yaml",
-    "one_peer_exponential.yaml",
-    "time_varying.yaml",
-    "directed_push_sum.yaml",
-    "hierarchical.yaml",
-    "complete.yaml",
-    "edges_example.yaml",
-]
 SLOWMO = {
     "ring": dict(tau=3, alpha=0.8, beta=0.5, base="ring.yaml", overlap=True),
     "sgp": dict(tau=4, alpha=1.0, beta=0.5, base="directed_push_sum.yaml", overlap=True),

@@ -32,11 +32,9 @@ import time
 import torch
 
 from lookahead_dist import comm as comm_mod
-from lookahead_dist.decentralized import Decentralized
 from lookahead_dist.errors import DivergenceError
 from lookahead_dist.membership import Membership
 from lookahead_dist.regroup import Elastic
-from lookahead_dist.slowmo import SlowMo
 from lookahead_dist.train.config import Config, resolve_topology
 from lookahead_dist.train.data import build_data, check_data_path
 from lookahead_dist.train.models import build_model
@@ -47,33 +45,19 @@ from lookahead_dist.train.step import set_lr, train_step
 __all__ = ["make_opt_factory", "train_elastic"]
 
 
-def make_opt_factory(cfg: Config, model, optimizer, outer):
-    """``(make_opt(comm, topology), topology spec)`` for :class:`Elastic`: the wrapper of ``cfg.algorithm``."""
+def make_opt_factory(cfg: Config, model, optimizer, device):
+    """``(make_opt(comm, topology), topology spec)`` for :class:`Elastic`: the trainer's wrapper of
+    ``cfg.algorithm`` (:func:`lookahead_dist.train.trainer._build_algorithm`), on the topology re-planned
+    for the members."""
+    from lookahead_dist.train.trainer import _build_algorithm
+
     a = cfg.algorithm
     spec = str(resolve_topology(a.topology, cfg.source)) if a.topology and a.name != "local_sgd" else None
-    common = dict(optimizer_state=a.optimizer_state, mix_buffers=a.mix_buffers, elastic=True)
-    slow = dict(fragments=a.fragments, sync_dtype=a.sync_dtype)
 
     def make_opt(comm, topology):
         # survivors may stop at different steps of the schedule; the copy they restart from restores the lr
         set_lr(optimizer, cfg.optim.lr)
-        if a.name == "decentralized":
-            return Decentralized(optimizer, model, topology, comm=comm, mix_buffers=a.mix_buffers, elastic=True)
-        if a.name == "local_sgd":
-            return SlowMo(optimizer, model, tau=a.tau, alpha=1.0, beta=0.0, base=None, comm=comm, **slow, **common)
-        return SlowMo(
-            optimizer,
-            model,
-            tau=a.tau,
-            alpha=a.alpha,
-            beta=a.beta,
-            base=topology,
-            comm=comm,
-            outer=outer,
-            scale_by_gamma=a.scale_by_gamma,
-            **slow,
-            **common,
-        )
+        return _build_algorithm(cfg, model, optimizer, comm, device, topology=topology, elastic=True)[0]
 
     return make_opt, spec
 
@@ -103,11 +87,8 @@ def _accuracy(model, data) -> tuple[float, int]:
     return hits / max(count, 1), count
 
 
-def train_elastic(cfg: Config, device, outer, t_start: float) -> dict:
-    """Run the configured training as one elastic member; returns the summary (the generation's rank 0 writes it).
-
-    ``outer``: the slow step's optimizer factory (None: none), as the trainer builds it from ``outer:``.
-    """
+def train_elastic(cfg: Config, device, t_start: float) -> dict:
+    """Run the configured training as one elastic member; returns the summary (the generation's rank 0 writes it)."""
     if cfg.data.name != "digits":
         check_data_path(cfg)
     backend = cfg.backend if cfg.backend != "auto" else comm_mod.default_backend(device)
@@ -116,18 +97,18 @@ def train_elastic(cfg: Config, device, outer, t_start: float) -> dict:
         heartbeat=e.heartbeat, dead_after=e.dead_after, timeout=e.timeout, op_timeout=cfg.timeout_s, backend=backend
     )
     try:
-        return _run(cfg, ms, device, outer, t_start)
+        return _run(cfg, ms, device, t_start)
     finally:
         ms.close()
 
 
-def _run(cfg: Config, ms: Membership, device, outer, t_start: float) -> dict:
+def _run(cfg: Config, ms: Membership, device, t_start: float) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial model on every member
     model = build_model(cfg.model, small_inputs=cfg.data.name == "cifar10").to(device)
     from lookahead_dist.train.trainer import _optimizer
 
     optimizer = _optimizer(cfg, model.parameters())
-    make_opt, spec = make_opt_factory(cfg, model, optimizer, outer)
+    make_opt, spec = make_opt_factory(cfg, model, optimizer, device)
     el = Elastic(make_opt, spec, membership=ms, history=cfg.elastic.history, sync_every=cfg.elastic.sync_every)
     run = run_dir(cfg, el.opt.comm)  # generation 0, before the first step
     me, initial = el.member, ms.initial

@@ -105,12 +105,17 @@ def _outer_factory(cfg: Config):
     return lambda params: cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
-def _build_algorithm(cfg: Config, model, optimizer, comm: Comm, device):
-    """(step wrapper, module to call): the algorithm of ``cfg.algorithm`` around ``optimizer``."""
+def _build_algorithm(cfg: Config, model, optimizer, comm: Comm, device, topology=None, elastic: bool = False):
+    """(step wrapper, module to call): the algorithm of ``cfg.algorithm`` around ``optimizer``.
+
+    ``topology`` replaces the configured file (elastic membership passes the topology re-planned for the
+    survivors) and ``elastic`` is passed to the wrapper, which refuses what elastic membership cannot run.
+    """
     a, W = cfg.algorithm, comm.world_size
+    given = topology
 
     def topology():
-        return str(resolve_topology(a.topology, cfg.source))
+        return given if given is not None else str(resolve_topology(a.topology, cfg.source))
 
     def ddp(module):
         if W == 1:
@@ -124,6 +129,7 @@ def _build_algorithm(cfg: Config, model, optimizer, comm: Comm, device):
         comm=comm,
         mix_buffers=a.mix_buffers,
         overlap_slow=a.overlap_slow,
+        elastic=elastic,
     )
     slow = dict(fragments=a.fragments, sync_dtype=a.sync_dtype)  # the slow step's streaming and wire format
     if a.name in ("slowmo", "diloco"):
@@ -143,7 +149,7 @@ def _build_algorithm(cfg: Config, model, optimizer, comm: Comm, device):
         ), model
     if a.name == "decentralized":
         return Decentralized(
-            optimizer, model, topology(), comm=comm, mix_buffers=a.mix_buffers, overlap=a.overlap
+            optimizer, model, topology(), comm=comm, mix_buffers=a.mix_buffers, overlap=a.overlap, elastic=elastic
         ), model
     if a.name == "local_sgd":
         return SlowMo(optimizer, model, tau=a.tau, alpha=1.0, beta=0.0, base=None, **slow, **common), model
@@ -207,7 +213,7 @@ def train(cfg: Config) -> dict:
     if cfg.elastic.enabled:  # a member of `python -m lookahead_dist.elastic`: survivors of a lost worker go on
         from lookahead_dist.train.elastic_run import train_elastic
 
-        return train_elastic(cfg, device, _outer_factory(cfg), t_start)
+        return train_elastic(cfg, device, t_start)
     comm = Comm()
     try:
         return _train(cfg, comm, device, t_start)
