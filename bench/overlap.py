@@ -55,7 +55,7 @@ Algorithms run in rotation per seed; the first seed runs ``--steps`` steps, is s
 draws the plot; later seeds stop a sixth (at least 3 steps) after the step where the first reached 0.95
 and are scored up to their own first 0.95.
 
-    sudo python bench/overlap.py [--quick] [--reps 5] [--seeds 3] [--nodes 4 8] [--tta-nodes 4]
+    sudo python bench/overlap.py [--quick] [--reps 5] [--seeds 3] [--nodes 4 8] [--tta-nodes 4] [--batch B]
 
 Prints every measurement and ratio, the targets met or missed and the load average; writes
 docs/img/overlap_tta.png. Exit code 0 iff every run completed and every target was met.
@@ -352,7 +352,10 @@ def steps_worker(cfg: dict, out: str) -> None:
             )
 
     xtr, ytr, _, _ = _digits()
-    choice = _choose_batch(comm, xtr, ytr, 3, log)
+    if cfg.get("batch"):
+        choice = {"batch": cfg["batch"], "target": None}
+    else:
+        choice = _choose_batch(comm, xtr, ytr, 3, log)
     batch = choice["batch"]
     gen = torch.Generator().manual_seed(comm.rank)
     pool = [torch.randint(0, len(xtr), (batch,), generator=gen) for _ in range(8)]
@@ -653,7 +656,11 @@ def steps_table(res: dict) -> str:
     c = res["contention"]
     lines = [
         f"{nodes} nodes x 1 rank at {RATE}, digits_mlp, batch {res['batch']} per worker "
-        f"(compute at the geometric mean of ring and one-peer communication, {res['choice']['target']:.3f} s)",
+        + (
+            f"(compute at the geometric mean of ring and one-peer communication, {res['choice']['target']:.3f} s)"
+            if res["choice"]["target"] is not None
+            else "(given by --batch)"
+        ),
         f"contention: forward+backward {c['alone']:.3f} s alone, {c['both']:.3f} s beside a shift of "
         f"{c['moved'] / 1e6:.0f} MB (alone {c['shift']:.3f} s): {c['per_byte'] * 1e9:.2f} ns per byte of traffic",
     ]
@@ -815,6 +822,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5, help="repetitions of every step window (default 5)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the time to accuracy (default 3)")
     p.add_argument("--steps", type=int, default=30, help="steps of the first seed's runs (default 30)")
+    p.add_argument(
+        "--batch", type=int, default=None, help="batch per worker of the step measurements (default: measured)"
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run: 4 nodes, 2 repetitions, 1 seed of 6 steps")
     p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "overlap_tta.png"), help="the plot's path")
     p.add_argument("--json", default=None, help="also write every measurement here")
@@ -843,7 +853,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     steps, failed = {}, False
     for nodes in args.nodes:
-        ranks = cluster_run(nodes, "steps", {"reps": args.reps}, log)
+        ranks = cluster_run(nodes, "steps", {"reps": args.reps, "batch": args.batch}, log)
         if ranks is None:
             failed = True
             continue
