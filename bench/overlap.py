@@ -32,9 +32,9 @@ divided by the window's steps:
 model's communication and combine on the compiled plans (:func:`~lookahead_dist.costmodel.schedule_cost`
 at the shaped rate, gloo's per-operation overhead, the memory rate measured in the worker), the measured
 base step and snapshot copy, and a CPU-contention term: the seconds per byte of traffic that the
-compute loses to the communication on the shared cores, measured before the variants on a pattern they
-do not use (every rank sends the model's bytes to rank + 1 while all compute; the forward and backward
-are timed with and without it). The blocking prediction is compute + communication + combine.
+compute loses to the communication on the shared cores, measured before the variants and apart from them
+(every rank sends the model's bytes to rank + 1 with a raw ``Comm.start_exchange`` while all compute; the
+forward and backward are timed with and without it). The blocking prediction is compute + communication + combine.
 
 **Time to accuracy** (``--tta-nodes``, default 4). With the batch size chosen for those nodes (capped
 at a worker's shard of the digits training split), every algorithm trains from the same start per
