@@ -102,6 +102,7 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 MODELS = ("digits_cnn", "digits_mlp", "resnet34", "resnet50")
+DIGITS_MODELS = ("digits_cnn", "digits_mlp")  # 8x8 inputs
 DATASETS = ("digits", "cifar10", "imagenet")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -583,10 +584,10 @@ def validate(cfg: Config) -> Config:
     _check(w, check.check_int, d.num_workers, "data.num_workers", low=0)
     _require(d.name == "digits" or bool(d.path), w, "data.path", f"is required for {d.name}", d.path)
     _require(
-        (cfg.model.name == "digits_cnn") == (d.name == "digits"),
+        (cfg.model.name in DIGITS_MODELS) == (d.name == "digits"),
         w,
         "model.name",
-        f"digits_cnn goes with data.name digits (data.name is {d.name!r})",
+        f"{' and '.join(DIGITS_MODELS)} go with data.name digits, and only they (data.name is {d.name!r})",
         cfg.model.name,
     )
     o = cfg.optim

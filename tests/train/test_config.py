@@ -449,3 +449,9 @@ def test_alpha_given_in_a_file_contradicts_an_outer_optimizer(tmp_path):
         validate(cfg)
     cfg.algorithm.beta = 0.5
     assert validate(cfg).algorithm.beta is None
+
+
+def test_digits_models_go_with_the_digits_data_only():
+    assert load_config(None, ["model.name=digits_mlp"]).model.name == "digits_mlp"
+    with pytest.raises(ConfigError, match=r"model\.name digits_cnn and digits_mlp go with data\.name digits"):
+        load_config(None, ["model.name=resnet34"])
