@@ -189,16 +189,25 @@ def slowmo_configs(rank, world, configs, steps):
     from lookahead_dist.comm import Comm
 
     comm = Comm()
-    prob = make_problem(world)
+    out = _slowmo_runs(rank, world, configs, comm, steps, make_problem(world))
+    for name, cfg in configs.items():  # a resume check compares the last models
+        if cfg.get("resume_at") is not None:
+            out[name] = {k: out[name][k][-1] for k in ("full", "resumed")}
+    comm.close()
+    return out
+
+
+def _slowmo_runs(rank, world, configs, comm, steps, prob):
+    """Each configuration in turn; one with ``resume_at`` runs straight through (checkpointing at that step) and
+    again from the checkpoint: {"full": its models, "resumed": the resumed run's, "finalized": full's finalize()}."""
     out = {}
     for name, cfg in configs.items():
-        if cfg.get("resume_at") is not None:
-            full = _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=cfg["resume_at"])
-            resumed = _slowmo_run(rank, world, cfg, comm, steps, prob, state=full["ckpt"])
-            out[name] = {"full": full["hist"][-1], "resumed": resumed["hist"][-1]}
-        else:
+        if cfg.get("resume_at") is None:
             out[name] = _slowmo_run(rank, world, cfg, comm, steps, prob)
-    comm.close()
+            continue
+        full = _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=cfg["resume_at"])
+        resumed = _slowmo_run(rank, world, cfg, comm, steps, prob, state=full["ckpt"])
+        out[name] = {"full": full["hist"], "resumed": resumed["hist"], "finalized": full["finalized"]}
     return out
 
 
@@ -294,14 +303,7 @@ def overlap_suite(rank, world, names, steps, slowmo_configs_, slowmo_steps):
         )
         out["still_blocking"][name] = train_rank(rank, path, 3 * steps, lr=0.0, comm=comm, record=True, perturb=1.0)
     prob = make_problem(world)
-    out["slowmo"] = {}
-    for name, cfg in slowmo_configs_.items():
-        if cfg.get("resume_at") is not None:
-            full = _slowmo_run(rank, world, cfg, comm, slowmo_steps, prob, stop_at=cfg["resume_at"])
-            resumed = _slowmo_run(rank, world, cfg, comm, slowmo_steps, prob, state=full["ckpt"])
-            out["slowmo"][name] = {"full": full["hist"], "resumed": resumed["hist"], "finalized": full["finalized"]}
-        else:
-            out["slowmo"][name] = _slowmo_run(rank, world, cfg, comm, slowmo_steps, prob)
+    out["slowmo"] = _slowmo_runs(rank, world, slowmo_configs_, comm, slowmo_steps, prob)
 
     # BatchNorm running statistics: forward's updates survive the overlapped combine, and are mixed.
     torch.manual_seed(0)
@@ -465,15 +467,7 @@ def outer_suite(rank, world, configs, steps):
     from lookahead_dist.slowmo import SlowMo
 
     comm = Comm()
-    prob = make_problem(world)
-    out = {}
-    for name, cfg in configs.items():
-        if cfg.get("resume_at") is not None:
-            full = _slowmo_run(rank, world, cfg, comm, steps, prob, stop_at=cfg["resume_at"])
-            resumed = _slowmo_run(rank, world, cfg, comm, steps, prob, state=full["ckpt"])
-            out[name] = {"full": full["hist"], "resumed": resumed["hist"]}
-        else:
-            out[name] = _slowmo_run(rank, world, cfg, comm, steps, prob)
+    out = _slowmo_runs(rank, world, configs, comm, steps, make_problem(world))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).double()
     opt = SlowMo(
