@@ -268,6 +268,28 @@ def _allreduce_loads(t: PhaseTraffic, nbytes: int, rpn: int, nnodes: int, links:
     return (lg[order], ln[order], lb[order]), rest, spans
 
 
+def cpu_term_(comm: np.ndarray, total_bytes: float, ar_bytes: float, intra_bytes: float, links: Links) -> bool:
+    """In place: every active rank's communication time with the CPU term (the cores that move the phase's
+    inter-node, all-reduce and intra-node bytes; the share that does not overlap the links). True when the
+    cores, not the links, are the limit."""
+    if links.cpu_bytes_per_s is None or not (total_bytes or ar_bytes or intra_bytes):
+        return False
+    cpu_ar = ar_bytes / (links.cpu_allreduce_bytes_per_s or links.cpu_bytes_per_s)
+    cpu_s = (
+        total_bytes / links.cpu_bytes_per_s
+        + cpu_ar
+        + intra_bytes / (links.cpu_intra_bytes_per_s or links.cpu_bytes_per_s)
+    )
+    s_ar = links.cpu_allreduce_serial_fraction
+    s_ar = links.cpu_serial_fraction if s_ar is None else s_ar
+    share = links.cpu_serial_fraction + (s_ar - links.cpu_serial_fraction) * cpu_ar / cpu_s
+    active = comm > 0
+    cpu_limited = bool(np.any(comm[active] < cpu_s))
+    big, small = np.maximum(comm[active], cpu_s), np.minimum(comm[active], cpu_s)
+    comm[active] = big + share * small
+    return cpu_limited
+
+
 def phase_cost(
     traffic: PhaseTraffic | list[RankTraffic], buffer_bytes: int, ranks_per_node: int, links: Links
 ) -> PhaseCost:
@@ -316,21 +338,7 @@ def phase_cost(
     ex = msgs > 0
     comm[ex] += term[ex]
     combine = t.combine_bytes / links.memory_bytes_per_s
-    cpu_limited = False
-    if links.cpu_bytes_per_s is not None and (total_bytes or ar_bytes or intra_bytes):
-        cpu_ar = ar_bytes / (links.cpu_allreduce_bytes_per_s or links.cpu_bytes_per_s)
-        cpu_s = (
-            total_bytes / links.cpu_bytes_per_s
-            + cpu_ar
-            + intra_bytes / (links.cpu_intra_bytes_per_s or links.cpu_bytes_per_s)
-        )
-        s_ar = links.cpu_allreduce_serial_fraction
-        s_ar = links.cpu_serial_fraction if s_ar is None else s_ar
-        share = links.cpu_serial_fraction + (s_ar - links.cpu_serial_fraction) * cpu_ar / cpu_s
-        active = comm > 0
-        cpu_limited = bool(np.any(comm[active] < cpu_s))
-        big, small = np.maximum(comm[active], cpu_s), np.minimum(comm[active], cpu_s)
-        comm[active] = big + share * small
+    cpu_limited = cpu_term_(comm, total_bytes, ar_bytes, intra_bytes, links)
     return PhaseCost(comm, combine, sent, egress, cpu_limited)
 
 

@@ -16,6 +16,7 @@ from lookahead_dist.costmodel import (
     Links,
     PhaseTraffic,
     RankTraffic,
+    cpu_term_,
     hierarchical_allreduce_time,
     overlapped_step_time,
     phase_cost,
@@ -351,21 +352,7 @@ def _reference_phase_cost(traffic, buffer_bytes, rpn, links):
             )
         sent[t.rank] += sum(b for _, b in t.sends)
         combine[t.rank] = t.combine_bytes / links.memory_bytes_per_s
-    cpu_limited = False
-    if links.cpu_bytes_per_s is not None and (total_bytes or ar_bytes or intra_bytes):
-        cpu_ar = ar_bytes / (links.cpu_allreduce_bytes_per_s or links.cpu_bytes_per_s)
-        cpu_s = (
-            total_bytes / links.cpu_bytes_per_s
-            + cpu_ar
-            + intra_bytes / (links.cpu_intra_bytes_per_s or links.cpu_bytes_per_s)
-        )
-        s_ar = links.cpu_allreduce_serial_fraction
-        s_ar = links.cpu_serial_fraction if s_ar is None else s_ar
-        share = links.cpu_serial_fraction + (s_ar - links.cpu_serial_fraction) * cpu_ar / cpu_s
-        active = comm > 0
-        cpu_limited = bool(np.any(comm[active] < cpu_s))
-        big, small = np.maximum(comm[active], cpu_s), np.minimum(comm[active], cpu_s)
-        comm[active] = big + share * small
+    cpu_limited = cpu_term_(comm, total_bytes, ar_bytes, intra_bytes, links)  # the same scalar rule
     return comm, combine, sent, egress, cpu_limited
 
 
