@@ -32,9 +32,9 @@ is de-biased afterwards. Module buffers that forward changes in place
 them meanwhile is added back after the combine (x <- mix(x_sent) + (x_now -
 x_sent)), so their local updates are not lost. Changing the parameters in place
 while their exchange is in flight raises :class:`~lookahead_dist.errors.InFlightError`
-at the next step (the flat buffers' version counters are compared; ``p.data``
-bypasses them, so use ``torch.no_grad()`` and in-place ops on the parameters
-themselves, or do not change them between steps).
+at the next step (the version counters of the flat buffers and of each parameter
+are compared; ``p.data`` bypasses them, so use ``torch.no_grad()`` and in-place
+ops on the parameters themselves, or do not change them between steps).
 """
 
 from __future__ import annotations
