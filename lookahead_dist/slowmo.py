@@ -17,7 +17,9 @@ With beta = 0 this is the matrix step z, x_i <- (1 - alpha) z + alpha x_bar;
 one worker with beta = 0 is Lookahead; alpha = 1, beta = 0 is the base
 algorithm followed by an exact average every tau steps (for local SGD, local
 SGD itself). With beta > 0 the slow step equals torch.optim.SGD(lr = alpha
-gamma, momentum = beta) on the pseudo-gradient (z - x_bar) / gamma.
+gamma, momentum = beta) on the pseudo-gradient (z - x_bar) / gamma. Model
+buffers (BatchNorm statistics, with ``mix_buffers``) take x_bar only: momentum
+would extrapolate a running variance below zero.
 
 The base algorithm between slow steps is chosen by ``base``:
 
@@ -374,11 +376,15 @@ class SlowMo(WrapperOptimizer):
     def _update_slow(self, f: int, x_bar: list[torch.Tensor], gamma: float) -> None:
         """z <- the slow step from x_bar on fragment f (the rule, or the outer optimizer); x_bar is scratch."""
         zs = self._part(self.slow, f)
+        nparam = self._nparam_parts[f]
         if self.outer is None:
             us = self._part(self.momentum, f)
-            slow_momentum_update(zs, us, x_bar, alpha=self.alpha, beta=self.beta, gamma=gamma)
+            slow_momentum_update(
+                zs[:nparam], us[:nparam], x_bar[:nparam], alpha=self.alpha, beta=self.beta, gamma=gamma
+            )
+            for z, x in zip(zs[nparam:], x_bar[nparam:]):
+                z.copy_(x)  # model buffers (BatchNorm statistics): averaged, not stepped (a variance stays >= 0)
             return
-        nparam = self._nparam_parts[f]
         for i, (z, x) in enumerate(zip(zs, x_bar)):
             if i < nparam:
                 torch.sub(z, x, out=x)  # the pseudo-gradient z - x_bar, in the scratch

@@ -201,6 +201,25 @@ def test_one_worker_beta_zero_is_lookahead(single_rank_group):
     sm.comm.close()
 
 
+def test_model_buffers_take_the_average_and_no_slow_momentum(single_rank_group):
+    from lookahead_dist.slowmo import SlowMo
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 1))
+    opt = SlowMo(torch.optim.SGD(model.parameters(), lr=0.1), model, tau=2, alpha=1.0, beta=0.9)
+    bn = model[1]
+    for k in range(12):
+        opt.zero_grad()
+        x = torch.randn(16, 4) * (1.0 + k)  # batch statistics that keep changing
+        model(x).pow(2).mean().backward()
+        stats = bn.running_mean.clone(), bn.running_var.clone()
+        opt.step()
+        # one worker: x_bar is its own value; momentum on the statistics would move them off it
+        assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1]), k
+    assert float(opt.momentum[0].abs().max()) > 0  # the parameters did take slow-momentum steps
+    opt.comm.close()
+
+
 def test_moving_the_model_after_wrapping_is_a_clear_error(single_rank_group):
     from lookahead_dist.slowmo import SlowMo
 
