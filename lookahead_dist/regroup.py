@@ -419,6 +419,12 @@ class Elastic:
             }
         )
 
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state of ``el.opt.state_dict()`` saved by this or another generation (a resumed run): the
+        wrapper's topology and rank may differ; the copies kept for a rollback start again from it."""
+        _load(self.opt, state)
+        self._history.clear()
+
     # -- the loop -----------------------------------------------------------------------------
     def step(self, closure=None):
         """One step of the wrapper; after a membership change it returns with ``step_count`` at the restart step."""

@@ -204,7 +204,6 @@ ELASTIC_REFUSED = (
     ("algorithm.overlap_slow", True, "its slow step is in flight across the steps the survivors roll back"),
     ("algorithm.shard", True, "its slow state is cut by the world size"),
     ("algorithm.sync_dtype", ("bfloat16", "int8"), "its error-feedback residuals are cut by the world size"),
-    ("resume", True, "an elastic run's checkpoints are one file per member, not a resumable world"),
 )
 
 
@@ -212,12 +211,14 @@ ELASTIC_REFUSED = (
 class DebugConfig:
     """Testing aids. ``nan_step``: multiply the loss by NaN at that step on rank ``nan_rank``.
     ``kill_step``: rank ``kill_rank`` kills itself (SIGKILL) at that step, on the first attempt only
-    (TORCHELASTIC_RESTART_COUNT 0), to exercise torchrun's restarts."""
+    (TORCHELASTIC_RESTART_COUNT 0), to exercise torchrun's restarts. ``step_sleep``: seconds every
+    elastic member sleeps per step, so that a restarted worker is back before a short run ends."""
 
     nan_step: Optional[int] = None
     nan_rank: int = 0
     kill_step: Optional[int] = None
     kill_rank: int = 0
+    step_sleep: float = 0.0
 
 
 @dataclass
@@ -675,6 +676,7 @@ def validate(cfg: Config) -> Config:
     _require(cfg.device in ("auto", "cpu", "cuda"), w, "device", "must be auto, cpu or cuda", cfg.device)
     _require(cfg.timeout_s > 0, w, "timeout_s", "must be > 0", cfg.timeout_s)
     _validate_elastic(cfg)
+    _require(cfg.debug.step_sleep >= 0, w, "debug.step_sleep", "must be >= 0 seconds", cfg.debug.step_sleep)
     if cfg.debug.nan_step is not None:
         _check(w, check.check_int, cfg.debug.nan_step, "debug.nan_step", low=0)
     return cfg

@@ -13,13 +13,16 @@ learning rate are functions of (member, step) only. Each member keeps its own tr
 the launch's world size) for the whole run: a dead worker's shard is not given to the survivors.
 
 What is kept off the collectives, so that a death can only surface inside ``el.step()`` or
-``el.finalize()``: the logged loss is the logging member's own (rank 0 of the current generation),
+``el.finalize()``: the run directory is chosen once through the job's store (a rejoining member
+reads it there), the logged loss is the logging member's own (rank 0 of the current generation),
 a non-finite loss stops that member only (the others go on without it), checkpoints are one file
-per member (``checkpoints/elastic_step_K/member_M.pt``: model, ``el.opt.state_dict()``, the view),
-written without a barrier and not resumable as a world, and the test accuracy is taken at the end,
-on the survivors' consensus model (every survivor holds it after ``finalize``), over the whole test
-set by the generation's rank 0, which writes summary.json (survivors, lost members, events) and
-model.pt.
+per member written without a barrier (:mod:`~lookahead_dist.train.elastic_checkpoint`; ``resume:
+true`` loads the newest step that one generation completed, on as many workers as it had members,
+each taking the state and data shard of the old member of its rank), and the test accuracy is
+taken at the end, on the survivors' consensus model (every survivor holds it after ``finalize``),
+over the whole test set by the generation's rank 0, which writes summary.json (survivors, lost
+members, events) and model.pt. A restarted worker that rejoins never rewrites the run's config or
+log.
 """
 
 from __future__ import annotations
@@ -28,17 +31,19 @@ import math
 import os
 import signal
 import time
+from pathlib import Path
 
 import torch
 
 from lookahead_dist import comm as comm_mod
-from lookahead_dist.errors import DivergenceError
+from lookahead_dist.errors import ConfigError, DivergenceError
 from lookahead_dist.membership import Membership
 from lookahead_dist.regroup import Elastic
+from lookahead_dist.train import elastic_checkpoint
 from lookahead_dist.train.config import Config, resolve_topology
 from lookahead_dist.train.data import build_data, check_data_path
 from lookahead_dist.train.models import build_model
-from lookahead_dist.train.rundir import MetricsLog, atomic_write, run_dir, write_final
+from lookahead_dist.train.rundir import MetricsLog, write_final
 from lookahead_dist.train.schedules import lr_at
 from lookahead_dist.train.step import set_lr, train_step
 
@@ -62,18 +67,20 @@ def make_opt_factory(cfg: Config, model, optimizer, device):
     return make_opt, spec
 
 
-def _save(run, el: Elastic, model, done: int) -> None:
-    """This member's checkpoint file of step ``done`` (no barrier: a dead member's file is simply missing)."""
-    folder = run / "checkpoints" / f"elastic_step_{done:08d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": done,
-        "member": el.member,
-        "view": el.view.to_json(),
-        "model": model.state_dict(),
-        "optimizer": el.opt.state_dict(),
-    }
-    atomic_write(folder / f"member_{el.member}.pt", lambda p: torch.save(state, p))
+def _run_dir(cfg: Config, ms: Membership) -> Path:
+    """The run directory, created: ``out_dir``, or runs/<name or timestamp>; the first member to ask decides it
+    in the job's store (compare-and-set), so every member and every later rejoining one uses the same."""
+    chosen = cfg.out_dir
+    if not chosen:
+        stamp, i = cfg.name or time.strftime("%Y%m%d-%H%M%S"), 1
+        chosen = f"runs/{stamp}"
+        while Path(chosen).exists():
+            i += 1
+            chosen = f"runs/{stamp}-{i}"
+    won = ms.store.compare_set("run_dir", "", str(Path(chosen).resolve()))
+    path = Path(won.decode() if isinstance(won, bytes) else won)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @torch.no_grad()
@@ -109,17 +116,24 @@ def _run(cfg: Config, ms: Membership, device, t_start: float) -> dict:
 
     optimizer = _optimizer(cfg, model.parameters())
     make_opt, spec = make_opt_factory(cfg, model, optimizer, device)
+    run = _run_dir(cfg, ms)
     el = Elastic(make_opt, spec, membership=ms, history=cfg.elastic.history, sync_every=cfg.elastic.sync_every)
-    run = run_dir(cfg, el.opt.comm)  # generation 0, before the first step
     me, initial = el.member, ms.initial
-    # this member's training shard of the launch's world, and the whole test set
-    data = build_data(cfg, 0, 1, device, shard=(me, initial))
+    joined = el.view.generation > 0  # a restarted worker, taken in by a running job
+    # this member's training shard (its id among the launch's workers; on a resume, the old member's)
+    start, shard = 0, (me, initial)
+    if cfg.resume and not joined:
+        start, shard = elastic_checkpoint.resume(run, el, model)
+    data = build_data(cfg, 0, 1, device, shard=shard)
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * data.steps_per_epoch))
-    log = MetricsLog(run, cfg, el.rank, 0, False)
-    if el.rank == 0:
+    if start >= total:
+        raise ConfigError(f"resume: the checkpoint is at step {start}, the run has only {total} steps")
+    log = MetricsLog(run, cfg, -1 if joined else el.rank, start, cfg.resume)
+    if el.rank == 0 and not joined:
         print(
             f"[train] {cfg.algorithm.name} on {initial} elastic member(s), {device.type}, {cfg.data.name}/"
-            f"{cfg.model.name}: {total} steps of batch {cfg.batch_size} per worker; run directory {run}",
+            f"{cfg.model.name}: {total} steps of batch {cfg.batch_size} per worker; run directory {run}"
+            + (f"; resumed at step {start} (member {shard[0]}'s state and shard on member {me})" if start else ""),
             flush=True,
         )
     incarnation = int(os.environ.get("LOOKAHEAD_ELASTIC_RESTART", "0") or 0)
@@ -134,6 +148,8 @@ def _run(cfg: Config, ms: Membership, device, t_start: float) -> dict:
                 batches, loss_sum, loss_n = data.batches(k), 0.0, 0
             if kill_here and k == cfg.debug.kill_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # testing aid: debug.kill_step / debug.kill_rank
+            if cfg.debug.step_sleep:
+                time.sleep(cfg.debug.step_sleep)  # testing aid: a restarted worker is back before the end
             lr = lr_at(cfg, k, total, data.steps_per_epoch)
             loss_val = train_step(model, optimizer, el, next(batches), lr)
             if not math.isfinite(loss_val):
@@ -163,7 +179,7 @@ def _run(cfg: Config, ms: Membership, device, t_start: float) -> dict:
             if done % cfg.log_every == 0:
                 loss_sum, loss_n, t_win = 0.0, 0, time.perf_counter()
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                _save(run, el, model, done)
+                elastic_checkpoint.save(run, el, model, done, shard)
         if el.finalize():
             break
         seen, next_k = _announce_changes(el, seen), None

@@ -58,7 +58,6 @@ def test_bad_elastic_values_name_their_key(sets, match):
         (["algorithm.sync_dtype=int8"], r"algorithm.sync_dtype \('int8'\) cannot be combined with elastic"),
         (["algorithm.name=allreduce"], "algorithm.name cannot run with elastic.enabled: true"),
         (["algorithm.name=lookahead"], "algorithm.name cannot run with elastic.enabled: true"),
-        (["out_dir=/tmp/x", "resume=true"], r"resume \(True\) cannot be combined with elastic.enabled: true"),
     ],
 )
 def test_what_elastic_cannot_run_is_refused_naming_both_keys(sets, match):
