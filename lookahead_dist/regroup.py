@@ -318,6 +318,7 @@ class Elastic:
         """Re-plan, build the wrapper, hand states to joiners and load ``state``; returns the seconds it took."""
         t0 = time.monotonic()
         topo = self._plan(view.world_size)
+        self.topology = topo
         self.opt = None
         opt = self.make_opt(Comm(heartbeat=0), topo)
         _check_wrapper(opt, view.world_size)
@@ -408,6 +409,7 @@ class Elastic:
                 "lost": list(view.lost),
                 "joined": list(view.joined),
                 "world_size": view.world_size,
+                "topology": None if self.topology is None else f"{self.topology.name} on {self.topology.n}",
                 "from_step": step,
                 "to_step": view.step,
                 "detected_at": detected,

@@ -5,8 +5,9 @@ it writes the death into the store at once (so the survivors need not wait for t
 dead member's heartbeat to go stale), restarts the worker if ``--max-restarts``
 allows (it then rejoins the running job at the next sync point), and otherwise
 lets the others go on. It exits when all its workers have ended; node 0's, which
-holds the store, waits (up to ``--exit-timeout`` seconds) until every node's
-supervisor has said it is done.
+holds the store, waits (up to ``--exit-timeout`` seconds) until the supervisor of
+every node with a member in the job's newest generation has said it is done (a
+node whose members were all lost, e.g. a dead machine, is not waited for).
 
 Each worker gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT) plus
@@ -31,7 +32,7 @@ import time
 from dataclasses import dataclass
 
 from lookahead_dist.errors import ConfigError
-from lookahead_dist.membership import ROOT, connect_store, dead_key
+from lookahead_dist.membership import ROOT, View, connect_store, dead_key
 
 __all__ = ["Supervisor", "parse_args", "main"]
 
@@ -184,20 +185,33 @@ class Supervisor:
         except Exception as exc:  # the store's host is gone: the workers stop on their own, naming it
             self.log(f"cannot report member {w.member}'s death: the store is unreachable ({exc})")
 
+    def _expected_nodes(self) -> set[int]:
+        """The nodes with a member in the newest generation written to the store (all of them before the first)."""
+        g, members = 0, None
+        while self.store.check([f"{ROOT}/gen/{g}/members"]):
+            members = View.from_json(self.store.get(f"{ROOT}/gen/{g}/members")).members
+            g += 1
+        if members is None:
+            return set(range(self.args.nnodes))
+        return {m // self.args.nproc_per_node for m in members}
+
     def _wait_for_other_nodes(self) -> None:
         try:
-            done = int(self.store.add(f"{ROOT}/supervisors_done", 1))
+            self.store.set(f"{ROOT}/supervisor_done/{self.args.node_rank}", "1")
         except Exception as exc:
             self.log(f"the store is unreachable at the end ({exc})")
             return
         if self.args.node_rank != 0:
             return
         deadline = time.monotonic() + self.args.exit_timeout
-        while done < self.args.nnodes and time.monotonic() < deadline:
+        while True:
+            waiting = sorted(n for n in self._expected_nodes() if not self.store.check([f"{ROOT}/supervisor_done/{n}"]))
+            if not waiting:
+                return
+            if time.monotonic() >= deadline:
+                self.log(f"nodes {waiting} did not say they were done within {self.args.exit_timeout} s")
+                return
             time.sleep(0.1)
-            done = int(self.store.add(f"{ROOT}/supervisors_done", 0))
-        if done < self.args.nnodes:
-            self.log(f"only {done} of {self.args.nnodes} nodes said they were done after {self.args.exit_timeout} s")
 
 
 def main(argv=None) -> int:

@@ -215,7 +215,9 @@ def _announce_changes(el: Elastic, seen: int) -> int:
             why = (ev["why"] or ev["reason"])[:80]
             print(
                 f"[train] generation {ev['generation']}: {what} ({why}); {ev['world_size']} "
-                f"members go on from step {ev['to_step']} (stalled {ev['stall_s']:.2f} s)",
+                f"members go on from step {ev['to_step']}"
+                + (f" over {ev['topology']}" if ev["topology"] else "")
+                + f" (stalled {ev['stall_s']:.2f} s)",
                 flush=True,
             )
     return len(el.events)

@@ -49,8 +49,8 @@ def nodes(tmp_path):
             f"--node_rank={node_rank}",
             "--master_addr=127.0.0.1",
             f"--master_port={port}",
-            # node 0 waits this long for node 1's supervisor to say it is done, which a killed one never does
-            "--exit-timeout=2",
+            # node 1's supervisor never says it is done; node 0 must not wait for it once its members are lost
+            "--exit-timeout=60",
             "launch/train.py",
             "--out",
             str(out),
@@ -117,12 +117,14 @@ def test_losing_a_whole_node_leaves_the_other_node_to_finish(nodes, tmp_path):
     text = (tmp_path / "node0.log").read_text()
     assert rc == 0, nodes.tails()
     assert "member 0 finished" in text and "member 1 finished" in text, text
+    assert "did not say they were done" not in text, text
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["survivors"] == [0, 1] and summary["lost"] == [2, 3], summary
     assert summary["generation"] == 1 and summary["steps"] == STEPS, summary
     (event,) = summary["elastic_events"]
     assert event["reason"] == "failure" and event["world_size"] == 2 and event["lost"] == [2, 3], event
+    assert event["topology"] == "hierarchical on 2", event  # re-planned: one node of two
     # they go on from about where they were, not from the start
     assert seen - 4 <= event["to_step"] <= event["from_step"] < STEPS, (seen, event)
     assert "generation 1: lost [2, 3]" in text and "survivors [0, 1], lost [2, 3]" in text, text

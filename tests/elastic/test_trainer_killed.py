@@ -65,6 +65,7 @@ def test_a_killed_trainer_worker_leaves_the_survivors_to_finish(killed):
     assert summary["survivors"] == [0, 1, 3] and summary["lost"] == [2] and summary["generation"] == 1
     (event,) = summary["elastic_events"]
     assert event["world_size"] == 3 and event["to_step"] <= 25 and event["lost"] == [2]
+    assert event["topology"] == "ring on 3"
     assert "generation 1: lost [2]" in text and "survivors [0, 1, 3], lost [2]" in text
     assert summary["steps"] == 60 and summary["final_test_accuracy"] > 0.8, summary
     assert (run / "model.pt").is_file()
