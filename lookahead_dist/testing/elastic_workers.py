@@ -195,7 +195,7 @@ def trial(ms, cfg: dict) -> dict:
     if cfg["algo"] == "dpsgd":
 
         def make_opt(comm, topo):
-            return Decentralized(base, model, topo, comm=instrument(comm))
+            return Decentralized(base, model, topo, comm=instrument(comm), elastic=True)
     else:
         outer = None
         if cfg.get("outer"):  # DiLoCo's outer step: Nesterov SGD on the pseudo-gradient
