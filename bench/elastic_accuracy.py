@@ -1,13 +1,14 @@
 """Accuracy after a lost worker: the survivors' consensus model against runs without failures, on digits.
 
-For each seed, two runs of the default digits config (SlowMo over a ring, 400 steps, batch 32)
-under ``python -m lookahead_dist.elastic --standalone`` with ``elastic.enabled=true``: one where
+For each seed, two runs of the default digits config (400 steps, batch 32; ``--algorithm slowmo``:
+SlowMo over a ring, ``dpsgd``: D-PSGD over one-peer exponential) under ``python -m
+lookahead_dist.elastic --standalone`` with ``elastic.enabled=true``: one where
 no worker dies, one where a worker is SIGKILLed mid-run (``debug.kill_step`` / ``debug.kill_rank``)
 and the survivors re-plan the ring and finish. The final test accuracy is that of the consensus
 model (the exact average of the survivors) on the 360 held-out digits. Prints a markdown table and
 the mean difference in points; exits 1 when it is 1.5 points or more.
 
-    python bench/elastic_accuracy.py [--seeds 0 1 2] [--nproc 4] [--kill-step 150]
+    python bench/elastic_accuracy.py [--seeds 0 1 2] [--nproc 8] [--algorithm slowmo|dpsgd] [--kill-step 150]
 """
 
 from __future__ import annotations
@@ -23,10 +24,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(out: Path, nproc: int, seed: int, kill: tuple[int, int] | None) -> dict:
+ALGORITHMS = {
+    "slowmo": ["algorithm.name=slowmo", "algorithm.topology=topologies/ring.yaml"],
+    "dpsgd": ["algorithm.name=decentralized", "algorithm.topology=topologies/one_peer_exponential.yaml"],
+}
+
+
+def run(out: Path, nproc: int, seed: int, kill: tuple[int, int] | None, algorithm: str = "slowmo") -> dict:
     cmd = [sys.executable, "-m", "lookahead_dist.elastic", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["launch/train.py", "--out", str(out)]
     sets = ["elastic.enabled=true", f"seed={seed}", "eval_every=0", "elastic.heartbeat=0.2", "elastic.dead_after=3"]
+    sets += ALGORITHMS[algorithm]
     if kill is not None:
         sets += [f"debug.kill_step={kill[0]}", f"debug.kill_rank={kill[1]}"]
     for s in sets:
@@ -41,16 +49,18 @@ def run(out: Path, nproc: int, seed: int, kill: tuple[int, int] | None) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--nproc", type=int, default=4)
+    p.add_argument("--nproc", type=int, default=8)
+    p.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="slowmo")
     p.add_argument("--kill-step", type=int, default=150, help="the first seed's kill step; +50 per seed")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="elastic-acc-") as tmp:
         for i, seed in enumerate(args.seeds):
             kill = (args.kill_step + 50 * i, (seed + 1) % args.nproc)
-            full = run(Path(tmp) / f"full{seed}", args.nproc, seed, None)
-            lost = run(Path(tmp) / f"lost{seed}", args.nproc, seed, kill)
+            full = run(Path(tmp) / f"full{seed}", args.nproc, seed, None, args.algorithm)
+            lost = run(Path(tmp) / f"lost{seed}", args.nproc, seed, kill, args.algorithm)
             rows.append((seed, kill, full, lost))
+    print(f"{args.algorithm} ({' '.join(ALGORITHMS[args.algorithm])}), {args.nproc} workers")
     print("| seed | killed (member at step) | survivors | accuracy, no failure | accuracy, survivors | difference |")
     print("|---|---|---|---|---|---|")
     diffs = []
