@@ -12,7 +12,9 @@ to 1 Gbit/s, and this script inside it as the worker. The model is ``digits_mlp`
 step (forward, backward, Adam) is timed at a few batch sizes on every rank at once, the
 communication-only steps of the ring and of the one-peer exponential graph are timed, and the batch
 whose compute lies at the geometric mean of the two is taken (interpolated), so that compute and
-communication are of similar size on both graphs. Then, per topology (ring, one-peer exponential,
+communication are of similar size on both graphs (``--per-graph-batch``: each graph, DDP with the
+one-peer graph, runs the batch whose compute equals its own communication; the time to accuracy
+keeps the geometric mean's). Then, per topology (ring, one-peer exponential,
 each with and without push-sum), these variants run in rotation (reversed every other cycle), each a
 window of steps timed barrier, t0, steps, t1 on every rank; a window's time runs from the last rank's
 t0 to the last rank's t1 (one clock on the machine), the step time is the median over repetitions
@@ -56,6 +58,7 @@ draws the plot; later seeds stop a sixth (at least 3 steps) after the step where
 and are scored up to their own first 0.95.
 
     sudo python bench/overlap.py [--quick] [--reps 5] [--seeds 3] [--nodes 4 8] [--tta-nodes 4] [--batch B]
+                                 [--per-graph-batch]
 
 Prints every measurement and ratio, the targets met or missed and the load average; writes
 docs/img/overlap_tta.png. Exit code 0 iff every run completed and every target was met.
@@ -184,7 +187,8 @@ def _digits(seed: int = 0):
 
 def _choose_batch(comm, xtr, ytr, reps: int, log) -> dict:
     """Time compute-only steps at BATCHES and communication-only steps of ring and one-peer exponential;
-    the batch whose compute is the geometric mean of the two communications (every rank gets rank 0's)."""
+    per graph the batch whose compute equals its communication, and the batch whose compute is the geometric mean
+    of the two (every rank gets rank 0's)."""
     import torch
 
     from lookahead_dist import Decentralized
@@ -228,8 +232,24 @@ def _choose_batch(comm, xtr, ytr, reps: int, log) -> dict:
             + ", ".join(f"{b}: {t:.3f} s" for b, t in c.items())
             + f"; comm ring {m['ring']:.3f} s, one-peer {m['one-peer exp']:.3f} s; target {target:.3f} s -> {choice}"
         )
-        choice = {"batch": choice, "compute": c, "comm": m, "target": target}
+        per_graph = {k: _interpolate(c, m[k]) for k in ("ring", "one-peer exp")}
+        log(f"batch per graph (compute = its communication): {per_graph}")
+        choice = {"batch": choice, "compute": c, "comm": m, "target": target, "per_graph": per_graph}
     return comm.all_gather_object(choice)[0]
+
+
+def _graph(group: str) -> str:
+    """The graph of a measured group: 'ring' or 'one-peer exp' (push-sum or not)."""
+    return "ring" if group.startswith("ring") else "one-peer exp"
+
+
+def compute_at(curve: dict, batch: int) -> float:
+    """The compute time at ``batch`` on the least-squares line through the measured compute times."""
+    import numpy as np
+
+    b, t = np.array(sorted(curve), dtype=float), np.array([curve[k] for k in sorted(curve)])
+    slope, icpt = np.polyfit(b, t, 1)
+    return float(icpt + slope * batch)
 
 
 def _interpolate(curve: dict, target: float) -> int:
@@ -357,28 +377,35 @@ def steps_worker(cfg: dict, out: str) -> None:
     else:
         choice = _choose_batch(comm, xtr, ytr, 3, log)
     batch = choice["batch"]
+    per_graph = choice.get("per_graph") if cfg.get("per_graph") else None
+    group_batch = {name: per_graph[_graph(name)] if per_graph else batch for name in TOPOLOGIES}
     gen = torch.Generator().manual_seed(comm.rank)
-    pool = [torch.randint(0, len(xtr), (batch,), generator=gen) for _ in range(8)]
-    batches = [(xtr[i], ytr[i]) for i in pool]
+    pools = {}
+    for b in sorted({batch, *group_batch.values()}):
+        pools[b] = [(xtr[i], ytr[i]) for i in (torch.randint(0, len(xtr), (b,), generator=gen) for _ in range(8))]
+    batches = pools[batch]
     nbytes = sum(p.numel() for p in _model().parameters()) * 4
     mem_rate, copy_s = _memory_rate(nbytes)
     result = {
         "rank": comm.rank,
         "batch": batch,
+        "group_batch": group_batch,
         "choice": choice,
         "memory_bytes_per_s": mem_rate,
         "copy_s": copy_s,
         "contention": _contention(comm, *batches[0], reps),
         "groups": {},
     }
-    log(f"batch {batch}; contention measured")
+    log(f"batch {batch}, per group {group_batch}; contention measured")
     k = [0]
 
-    def next_batch():
-        k[0] += 1
-        return batches[k[0] % len(batches)]
-
     for name, topo in TOPOLOGIES.items():
+        pool = pools[group_batch[name]]
+
+        def next_batch():
+            k[0] += 1
+            return pool[k[0] % len(pool)]  # noqa: B023 (used within this iteration only)
+
         result["groups"][name] = _measure_group(comm, topo, reps, next_batch, ddp=name == DDP_GROUP)
         log(f"{name}: done")
         gc.collect()
@@ -643,6 +670,7 @@ def analyse_steps(ranks: list[dict], nodes: int) -> dict:
     return {
         "nodes": nodes,
         "batch": r0["batch"],
+        "group_batch": r0["group_batch"],
         "choice": r0["choice"],
         "rows": rows,
         "contention": {"alone": alone, "both": both, "shift": shift, "per_byte": per_byte, "moved": moved},
@@ -654,13 +682,18 @@ def analyse_steps(ranks: list[dict], nodes: int) -> dict:
 def steps_table(res: dict) -> str:
     nodes = res["nodes"]
     c = res["contention"]
-    lines = [
-        f"{nodes} nodes x 1 rank at {RATE}, digits_mlp, batch {res['batch']} per worker "
-        + (
+    per_graph = len(set(res["group_batch"].values())) > 1
+    if per_graph:
+        what = "batch per worker " + ", ".join(f"{g} {b}" for g, b in res["choice"]["per_graph"].items())
+        what += " (each graph's compute equals its communication; DDP at the one-peer graph's)"
+    else:
+        what = f"batch {res['batch']} per worker " + (
             f"(compute at the geometric mean of ring and one-peer communication, {res['choice']['target']:.3f} s)"
             if res["choice"]["target"] is not None
             else "(given by --batch)"
-        ),
+        )
+    lines = [
+        f"{nodes} nodes x 1 rank at {RATE}, digits_mlp, {what}",
         f"contention: forward+backward {c['alone']:.3f} s alone, {c['both']:.3f} s beside a shift of "
         f"{c['moved'] / 1e6:.0f} MB (alone {c['shift']:.3f} s): {c['per_byte'] * 1e9:.2f} ns per byte of traffic",
     ]
@@ -825,6 +858,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--batch", type=int, default=None, help="batch per worker of the step measurements (default: measured)"
     )
+    p.add_argument(
+        "--per-graph-batch",
+        action="store_true",
+        help="each graph at the batch whose compute equals its communication (default: one batch for all, "
+        "compute at the geometric mean of ring and one-peer communication)",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run: 4 nodes, 2 repetitions, 1 seed of 6 steps")
     p.add_argument("--plot", default=str(ROOT / "docs" / "img" / "overlap_tta.png"), help="the plot's path")
     p.add_argument("--json", default=None, help="also write every measurement here")
@@ -853,7 +892,8 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     steps, failed = {}, False
     for nodes in args.nodes:
-        ranks = cluster_run(nodes, "steps", {"reps": args.reps, "batch": args.batch}, log)
+        cfg = {"reps": args.reps, "batch": args.batch, "per_graph": args.per_graph_batch}
+        ranks = cluster_run(nodes, "steps", cfg, log)
         if ranks is None:
             failed = True
             continue
@@ -865,6 +905,8 @@ def main(argv=None) -> int:
         if nodes in steps:
             batch = steps[nodes]["batch"]
             compute_s = statistics.median(r["compute"] for r in steps[nodes]["rows"].values())
+            if len(set(steps[nodes]["group_batch"].values())) > 1:  # the groups ran other batches
+                compute_s = compute_at(steps[nodes]["choice"]["compute"], batch)
         else:
             batch, compute_s = 256, 0.35
             log(f"no step measurement at {nodes} nodes: batch {batch}, compute {compute_s} s assumed")
