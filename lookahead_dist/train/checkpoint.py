@@ -34,7 +34,17 @@ from lookahead_dist.comm import Comm
 from lookahead_dist.errors import CheckpointError, LookaheadDistError
 from lookahead_dist.train.rundir import atomic_write, write_text
 
-__all__ = ["KEEP", "CheckpointError", "last_checkpoint", "read_rank_file", "resume", "save"]
+__all__ = [
+    "KEEP",
+    "CheckpointError",
+    "first_complete",
+    "last_checkpoint",
+    "load_file",
+    "load_into",
+    "read_rank_file",
+    "resume",
+    "save",
+]
 
 #: How many checkpoints stay on disk: the newest, and the ones a resume falls back to.
 KEEP = 2
@@ -115,9 +125,9 @@ def last_checkpoint(run: Path) -> str:
     return f"last good checkpoint: step {manifest['step']} in {run / 'checkpoints'}"
 
 
-def read_rank_file(path: Path, step: int, rank: int, world_size: int) -> dict:
-    """The state in one rank's checkpoint file, or a :class:`CheckpointError` that names the file: missing,
-    truncated or corrupt, not a checkpoint of this trainer, or holding another step, rank or world size."""
+def load_file(path: Path, keys, kind: str) -> dict:
+    """The dict saved in one checkpoint file, or a :class:`CheckpointError` that names the file: missing,
+    truncated or corrupt, or not ``kind`` (a key of ``keys`` is missing)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} is missing")
     try:
@@ -127,11 +137,16 @@ def read_rank_file(path: Path, step: int, rank: int, world_size: int) -> dict:
             f"checkpoint file {path} is truncated or corrupt ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
-    if not isinstance(state, dict) or any(k not in state for k in _KEYS):
-        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(
-            f"checkpoint file {path} is not a checkpoint of this trainer (expected keys {list(_KEYS)}, got {keys})"
-        )
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"checkpoint file {path} is not {kind} (expected keys {list(keys)}, got {got})")
+    return state
+
+
+def read_rank_file(path: Path, step: int, rank: int, world_size: int) -> dict:
+    """The state in one rank's checkpoint file, or a :class:`CheckpointError` that names the file: missing,
+    truncated or corrupt, not a checkpoint of this trainer, or holding another step, rank or world size."""
+    state = load_file(path, _KEYS, "a checkpoint of this trainer")
     got = (state["step"], state["rank"], state["world_size"])
     if got != (step, rank, world_size):
         raise CheckpointError(
@@ -139,6 +154,35 @@ def read_rank_file(path: Path, step: int, rank: int, world_size: int) -> dict:
             f"step {step} of rank {rank} of {world_size}"
         )
     return state
+
+
+def first_complete(comm: Comm, candidates, read) -> tuple[object, Optional[dict], list[str]]:
+    """The first of ``candidates`` whose file ``read(candidate)`` reads whole on every rank (each rank its own):
+    (that candidate, this rank's state, the problems of the candidates before it); (None, None, problems) if none."""
+    problems: list[str] = []
+    for candidate in candidates:
+        try:
+            state, err = read(candidate), None
+        except CheckpointError as exc:
+            state, err = None, str(exc)
+        errors = [e for e in comm.all_gather_object(err) if e]
+        if not errors:
+            return candidate, state, problems
+        problems += errors
+    return None, None, problems
+
+
+def load_into(path: Path, state: dict, *loads) -> None:
+    """Call each of ``loads`` with ``state``; what does not fit is a :class:`CheckpointError` naming the file."""
+    try:
+        for load in loads:
+            load(state)
+    except LookaheadDistError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"resume: checkpoint file {path} does not fit this run's model or optimizer ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def resume(run: Path, comm: Comm, model, opt) -> tuple[int, int]:
@@ -158,35 +202,27 @@ def resume(run: Path, comm: Comm, model, opt) -> tuple[int, int]:
     if manifest is not None:
         mine = {s for s in mine if s <= manifest["step"]} | {manifest["step"]}
     candidates = sorted(set().union(*map(set, comm.all_gather_object(sorted(mine)))), reverse=True)
-    problems: list[str] = [why] if why and candidates else []
-    state = None
-    for step in candidates:
-        rel = _rank_file(step, comm.rank)
+
+    def rel(step: int) -> str:
         if manifest is not None and step == manifest["step"] and comm.rank < len(manifest["files"]):
-            rel = manifest["files"][comm.rank]
-        try:
-            state, err = read_rank_file(ckdir / rel, step, comm.rank, comm.world_size), None
-        except CheckpointError as exc:
-            state, err = None, str(exc)
-        errors = [e for e in comm.all_gather_object(err) if e]
-        if not errors:
-            break
-        problems += errors
-        state = None
+            return manifest["files"][comm.rank]
+        return _rank_file(step, comm.rank)
+
+    def read(step: int) -> dict:
+        return read_rank_file(ckdir / rel(step), step, comm.rank, comm.world_size)
+
+    step, state, problems = first_complete(comm, candidates, read)
+    problems = ([why] if why and candidates else []) + problems
     if state is None:
         detail = "; ".join(problems) if problems else why or f"no checkpoint in {ckdir}"
         raise CheckpointError(f"resume: no checkpoint in {ckdir} is complete on every rank: {detail}")
     if problems and comm.rank == 0:
         print(f"[train] resume: skipped newer checkpoint(s): {'; '.join(problems)}", flush=True)
-    try:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-    except LookaheadDistError:
-        raise
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(
-            f"resume: checkpoint file {ckdir / rel} does not fit this run's model or "
-            f"optimizer ({type(exc).__name__}: {exc})"
-        ) from None
+    load_into(
+        ckdir / rel(step),
+        state,
+        lambda st: model.load_state_dict(st["model"]),
+        lambda st: opt.load_state_dict(st["optimizer"]),
+        lambda st: torch.set_rng_state(st["torch_rng"]),
+    )
     return int(state["step"]), int(state.get("bytes_sent", 0))

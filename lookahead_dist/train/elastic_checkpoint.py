@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from lookahead_dist.errors import CheckpointError, LookaheadDistError
+from lookahead_dist.errors import CheckpointError
+from lookahead_dist.train.checkpoint import first_complete, load_file, load_into
 from lookahead_dist.train.rundir import atomic_write, write_text
 
 __all__ = ["KEEP", "complete_steps", "resume", "save"]
@@ -94,18 +95,7 @@ def complete_steps(ckdir: Path) -> list[tuple[int, int, tuple[int, ...]]]:
 
 
 def _read(path: Path, step: int, generation: int, member: int) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise CheckpointError(
-            f"checkpoint file {path} is truncated or corrupt ({type(exc).__name__}: {first})"
-        ) from None
-    if not isinstance(state, dict) or any(k not in state for k in _KEYS):
-        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"checkpoint file {path} is not an elastic member checkpoint (keys {keys})")
+    state = load_file(path, _KEYS, "an elastic member checkpoint")
     got = (state["step"], state["generation"], state["member"])
     if got != (step, generation, member):
         raise CheckpointError(
@@ -123,36 +113,32 @@ def resume(run: Path, el, model) -> tuple[int, tuple[int, int]]:
     agreed = [c for c in seen[0] if all(c in s for s in seen[1:])]  # what every member can read
     if not agreed:
         raise CheckpointError(f"resume: no elastic checkpoint in {ckdir} is complete (every member of one generation)")
-    problems: list[str] = []
-    state, path = None, None
-    for step, generation, members in agreed:
-        if len(members) != el.world_size:
-            raise CheckpointError(
-                f"resume: the newest complete checkpoint in {ckdir}, step {step} of generation {generation}, holds the "
-                f"states of {len(members)} member(s) {list(members)}; this run has {el.world_size}: launch "
-                f"{len(members)} worker(s) (--nproc_per_node/--nnodes) to resume it"
-            )
-        path = _folder(ckdir, step) / f"member_{members[el.rank]}.pt"
-        try:
-            state, err = _read(path, step, generation, members[el.rank]), None
-        except CheckpointError as exc:
-            state, err = None, str(exc)
-        errors = [e for e in comm.all_gather_object(err) if e]
-        if not errors:
-            break
-        problems += errors
-        state = None
+    step, generation, members = agreed[0]
+    if len(members) != el.world_size:
+        raise CheckpointError(
+            f"resume: the newest complete checkpoint in {ckdir}, step {step} of generation {generation}, holds the "
+            f"states of {len(members)} member(s) {list(members)}; this run has {el.world_size}: launch "
+            f"{len(members)} worker(s) (--nproc_per_node/--nnodes) to resume it"
+        )
+    agreed = [c for c in agreed if len(c[2]) == el.world_size]  # older ones to fall back to: of this size
+
+    def path_of(candidate) -> Path:
+        step, _, members = candidate
+        return _folder(ckdir, step) / f"member_{members[el.rank]}.pt"
+
+    def read(candidate) -> dict:
+        step, generation, members = candidate
+        return _read(path_of(candidate), step, generation, members[el.rank])
+
+    chosen, state, problems = first_complete(comm, agreed, read)
     if state is None:
         raise CheckpointError(f"resume: no checkpoint in {ckdir} could be read by every member: {'; '.join(problems)}")
     if problems and el.rank == 0:
         print(f"[train] resume: skipped newer checkpoint(s): {'; '.join(problems)}", flush=True)
-    try:
-        model.load_state_dict(state["model"])
-        el.load_state_dict(state["optimizer"])
-    except LookaheadDistError:
-        raise
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(
-            f"resume: checkpoint file {path} does not fit this run's model or optimizer ({type(exc).__name__}: {exc})"
-        ) from None
+    load_into(
+        path_of(chosen),
+        state,
+        lambda st: model.load_state_dict(st["model"]),
+        lambda st: el.load_state_dict(st["optimizer"]),
+    )
     return int(state["step"]), (int(state["shard"][0]), int(state["shard"][1]))

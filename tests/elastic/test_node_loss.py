@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.elastic._nodes import free_port, kill_all, node_cmd
 
 pytestmark = pytest.mark.dist
 
@@ -29,32 +29,13 @@ STEPS = 100  # about 9 s of training for four workers on two cores
 KILL_AFTER = 30  # node 1 dies once rank 0 has logged this step
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def nodes(tmp_path):
     started = []
 
     def start(node_rank, port, out):
-        cmd = [
-            sys.executable,
-            "-m",
-            "lookahead_dist.elastic",
-            "--nproc_per_node=2",
-            "--nnodes=2",
-            f"--node_rank={node_rank}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={port}",
-            # node 1's supervisor never says it is done; node 0 must not wait for it once its members are lost
-            "--exit-timeout=60",
-            "launch/train.py",
-            "--out",
-            str(out),
-        ]
+        # node 1's supervisor never says it is done; node 0 must not wait for it once its members are lost
+        cmd = node_cmd(node_rank, port, "launch/train.py", "--out", str(out), exit_timeout=60)
         sets = ["elastic.enabled=true", "algorithm.topology=topologies/hierarchical.yaml", f"steps={STEPS}"]
         sets += ["eval_every=0", "log_every=5", "elastic.heartbeat=0.2", "elastic.dead_after=3"]
         for s in sets:
@@ -71,12 +52,7 @@ def nodes(tmp_path):
 
     start.tails = tails
     yield start
-    for p, _ in started:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # the supervisor and every worker it started
-        except ProcessLookupError:
-            pass
-        p.wait()
+    kill_all([p for p, _ in started])
 
 
 def records(run: Path) -> list[dict]:

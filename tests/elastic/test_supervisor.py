@@ -12,21 +12,15 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
+from tests.elastic._nodes import free_port, kill_all, node_cmd
+
 pytestmark = pytest.mark.dist
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -34,22 +28,9 @@ def launch(tmp_path):
     procs = []
 
     def start(node_rank, port, cfg, *flags):
-        cmd = [
-            sys.executable,
-            "-m",
-            "lookahead_dist.elastic",
-            "--nproc_per_node=2",
-            "--nnodes=2",
-            f"--node_rank={node_rank}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={port}",
-            "--exit-timeout=60",
-            *flags,
-            "-m",
-            "lookahead_dist.testing.elastic_workers",
-            json.dumps(cfg),
-            str(tmp_path),
-        ]
+        cmd = node_cmd(
+            node_rank, port, *flags, "-m", "lookahead_dist.testing.elastic_workers", json.dumps(cfg), str(tmp_path)
+        )
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # fmt: skip
@@ -57,12 +38,7 @@ def launch(tmp_path):
         return p
 
     yield start
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # the supervisor and every worker it started
-        except ProcessLookupError:
-            pass
-        p.wait()
+    kill_all(procs)
 
 
 def results(tmp_path):
