@@ -33,30 +33,19 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from benchutil import rotation  # noqa: E402
+from benchutil import mlp, random_batches, slowest_per_round, timed_windows  # noqa: E402
 
 TAUS = (12, 48)
 WINDOW = 48  # a multiple of every tau
 LR = 1e-3
 CEILING = "ceiling (no communication)"
-
-
-def make_model(d_in: int, hidden: int, layers: int, classes: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    mods = [torch.nn.Linear(d_in, hidden), torch.nn.ReLU()]
-    for _ in range(layers - 1):
-        mods += [torch.nn.Linear(hidden, hidden), torch.nn.ReLU()]
-    mods.append(torch.nn.Linear(hidden, classes))
-    return torch.nn.Sequential(*mods)
 
 
 def nesterov(params):
@@ -78,46 +67,19 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
 
     torch.set_num_threads(1)
     comm = Comm(heartbeat=0)
-    shape = (cfg["d_in"], cfg["hidden"], cfg["layers"], cfg["classes"])
-    g = torch.Generator().manual_seed(1000 + rank)
-    batches = [
-        (
-            torch.randn(cfg["batch"], cfg["d_in"], generator=g),
-            torch.randint(cfg["classes"], (cfg["batch"],), generator=g),
-        )
-        for _ in range(8)
-    ]
+    batches = random_batches(cfg, rank)
 
     def adamw(model):
         return torch.optim.AdamW(model.parameters(), lr=LR)
 
     runs = {}
-    m = make_model(*shape)
+    m = mlp(cfg)
     runs[CEILING] = (m, adamw(m))
     for tau in TAUS:
         for name, kw in VARIANTS.items():
-            m = make_model(*shape)
+            m = mlp(cfg)
             runs[f"{name} tau={tau}"] = (m, SlowMo(adamw(m), m, tau=tau, comm=comm, **kw))
-    loss_fn = torch.nn.functional.cross_entropy
-    step_no = {name: 0 for name in runs}
-
-    def window(name: str) -> float:
-        net, opt = runs[name]
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(WINDOW):
-            x, y = batches[step_no[name] % len(batches)]
-            opt.zero_grad(set_to_none=False)
-            loss_fn(net(x), y).backward()
-            opt.step()
-            step_no[name] += 1
-        return time.perf_counter() - t0
-
-    names = list(runs)
-    times = {name: [] for name in names}
-    for rnd in range(cfg["warmup"] + cfg["rounds"]):
-        for name in rotation(names, rnd):
-            times[name].append(window(name))
+    times, step_no = timed_windows(runs, batches, WINDOW, cfg["warmup"], cfg["rounds"])
     sent = {name: (getattr(opt, "bytes_sent", 0), step_no[name]) for name, (_, opt) in runs.items()}
     params = sum(p.numel() for p in runs[CEILING][0].parameters())
     comm.close()
@@ -128,8 +90,8 @@ def report(results: list[dict], cfg: dict) -> None:
     world = len(results)
     first = results[0]
     names = list(first["times"])
-    rounds, skip = cfg["rounds"], cfg["warmup"]
-    per_round = {n: [max(r["times"][n][skip + i] for r in results) for i in range(rounds)] for n in names}
+    rounds = cfg["rounds"]
+    per_round = slowest_per_round(results, cfg)
     samples = world * cfg["batch"] * WINDOW
     pbytes = first["params"] * 4
     print(

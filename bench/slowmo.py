@@ -33,30 +33,19 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from benchutil import rotation  # noqa: E402
+from benchutil import mlp, random_batches, slowest_per_round, timed_windows  # noqa: E402
 
 TAU = 12
 TARGET_LOCAL = 0.9
 SGP_BASE = {"generator": "one_peer_exponential", "push_sum": True}
 LR, MOMENTUM = 0.01, 0.9
-
-
-def make_model(d_in: int, hidden: int, layers: int, classes: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    mods = [torch.nn.Linear(d_in, hidden), torch.nn.ReLU()]
-    for _ in range(layers - 1):
-        mods += [torch.nn.Linear(hidden, hidden), torch.nn.ReLU()]
-    mods.append(torch.nn.Linear(hidden, classes))
-    return torch.nn.Sequential(*mods)
 
 
 def worker(rank: int, world: int, cfg: dict) -> dict:
@@ -67,51 +56,24 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
 
     torch.set_num_threads(1)
     comm = Comm(heartbeat=0)
-    shape = (cfg["d_in"], cfg["hidden"], cfg["layers"], cfg["classes"])
-    g = torch.Generator().manual_seed(1000 + rank)
-    batches = [
-        (
-            torch.randn(cfg["batch"], cfg["d_in"], generator=g),
-            torch.randint(cfg["classes"], (cfg["batch"],), generator=g),
-        )
-        for _ in range(8)
-    ]
+    batches = random_batches(cfg, rank)
 
     def sgd(model):
         return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
     runs = {}
-    m = make_model(*shape)
+    m = mlp(cfg)
     runs["ceiling (no communication)"] = (m, sgd(m))
-    m = make_model(*shape)
+    m = mlp(cfg)
     local = SlowMo(sgd(m), m, tau=cfg["tau"], comm=comm)
     runs[f"SlowMo local (tau={cfg['tau']})"] = (m, local)
-    m = make_model(*shape)
+    m = mlp(cfg)
     sgp = SlowMo(sgd(m), m, tau=cfg["tau"], base=SGP_BASE, comm=comm)
     runs[f"SlowMo over SGP (tau={cfg['tau']})"] = (m, sgp)
-    m = make_model(*shape)
+    m = mlp(cfg)
     runs["DDP all-reduce + SGD"] = (DistributedDataParallel(m), sgd(m))
-    loss_fn = torch.nn.functional.cross_entropy
-
-    step_no = {name: 0 for name in runs}
-
-    def window(name: str) -> float:
-        net, opt = runs[name]
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(cfg["window"]):
-            x, y = batches[step_no[name] % len(batches)]
-            opt.zero_grad(set_to_none=False)
-            loss_fn(net(x), y).backward()
-            opt.step()
-            step_no[name] += 1
-        return time.perf_counter() - t0
-
+    times, step_no = timed_windows(runs, batches, cfg["window"], cfg["warmup"], cfg["rounds"])
     names = list(runs)
-    times = {name: [] for name in names}
-    for rnd in range(cfg["warmup"] + cfg["rounds"]):
-        for name in rotation(names, rnd):
-            times[name].append(window(name))
     params = sum(p.numel() for p in runs[names[0]][0].parameters())
     comm.close()
     return {
@@ -128,8 +90,8 @@ def report(results: list[dict], cfg: dict) -> bool:
     world = len(results)
     first = results[0]
     names = list(first["times"])
-    rounds, skip = cfg["rounds"], cfg["warmup"]
-    per_round = {n: [max(r["times"][n][skip + i] for r in results) for i in range(rounds)] for n in names}
+    rounds = cfg["rounds"]
+    per_round = slowest_per_round(results, cfg)
     ceiling = names[0]
     samples = world * cfg["batch"] * cfg["window"]
     pbytes = first["params"] * 4
