@@ -30,12 +30,16 @@ The copy of the state costs one copy of the model and optimizer state per step
 depth apart, see :func:`max_lead`). Schedules use the global step: step k mixes
 with P_{k mod period} of the generation's schedule.
 
-Not supported with elastic membership: ``overlap``, ``overlap_slow``, ``shard`` and
-a compressed ``sync_dtype`` (their state depends on in-flight communication or on
-the world size), several agents on one rank and slow agents on ranks of their own;
-``elastic=True`` on the wrappers refuses them at construction. SlowMo's ``outer``
-optimizer and ``fragments`` are supported: their state (outer momentum, each
-fragment's gamma) does not depend on the world size and is restored with the rest.
+Not supported with elastic membership: ``overlap``, ``overlap_slow`` and ``shard``
+(their state depends on in-flight communication or on the world size), several
+agents on one rank and slow agents on ranks of their own; ``elastic=True`` on the
+wrappers refuses them at construction. SlowMo's ``outer`` optimizer and
+``fragments`` are supported: their state (outer momentum, each fragment's gamma)
+does not depend on the world size and is restored with the rest. So is a
+compressed ``sync_dtype``: each member keeps the error feedback of what it sent
+(a residual of its own numerators); the residual of the chunk of the average a
+rank owned is cut by the old world size and ranks and restarts at zero, and a
+joiner starts with no residual at all (its donor's is the donor's own error).
 """
 
 from __future__ import annotations
@@ -199,14 +203,15 @@ def _check_wrapper(opt, world_size: int) -> None:
     if not isinstance(opt, (Decentralized, SlowMo)):
         raise ConfigError(f"Elastic: make_opt must return a Decentralized or SlowMo, got {type(opt).__name__}")
     options = {k: getattr(opt, k, False) for k in ("overlap", "overlap_slow", "shard")}
-    if isinstance(opt, SlowMo):
-        options["sync_dtype"] = None if opt.sync_dtype == "float32" else opt.sync_dtype
     base = _gossip(opt)
     check_elastic(f"Elastic: {type(opt).__name__}", base and base.topology, world_size, **options)
 
 
-def _load(opt, state: dict) -> None:
-    """Load a state captured from another generation's wrapper into ``opt`` (same model, other topology)."""
+def _load(opt, state: dict, *, joiner: bool = False, same_ranks: bool = False) -> None:
+    """Load a state captured from another generation's wrapper into ``opt`` (same model, other topology).
+
+    A compressed slow sync's error feedback: the residual of the chunk of the average this rank owned goes
+    (unless ``same_ranks``: the same world, rank for rank), and a ``joiner``'s goes whole (its donor's)."""
     sd = _clone(state)
     own = sd.get("decentralized", sd.get("base"))
     base = _gossip(opt)
@@ -216,6 +221,12 @@ def _load(opt, state: dict) -> None:
         own["fingerprint"] = base.topology.fingerprint()
     if "slowmo" in sd:
         sd["slowmo"]["world_size"] = opt.comm.world_size
+        for sync in sd["slowmo"].get("compress", {}).get("syncs", []):
+            kept = sync.get("residual")
+            if kept is not None and not same_ranks:
+                kept["owned"] = {}  # zeros again on first use, in this world's chunks
+                if joiner:
+                    kept["sent"] = {}
     opt.load_state_dict(sd)
 
 
@@ -325,7 +336,7 @@ class Elastic:
         if view.joined:
             state = self._hand_over(view, opt.comm, state)
         if state is not None:
-            _load(opt, state)
+            _load(opt, state, joiner=self.member in view.joined)
         self.opt = opt
         tau = getattr(opt, "tau", None)
         self.depth = self._history_arg or max_lead(topo, tau) + 2
@@ -424,7 +435,7 @@ class Elastic:
     def load_state_dict(self, state: dict) -> None:
         """Load a state of ``el.opt.state_dict()`` saved by this or another generation (a resumed run): the
         wrapper's topology and rank may differ; the copies kept for a rollback start again from it."""
-        _load(self.opt, state)
+        _load(self.opt, state, same_ranks=True)
         self._history.clear()
 
     # -- the loop -----------------------------------------------------------------------------

@@ -172,8 +172,9 @@ class SlowMo(WrapperOptimizer):
             (the pseudo-gradient z - x_r is averaged compressed, with error feedback:
             :class:`~lookahead_dist.compress.CompressedSync`); not with ``shard`` or ``overlap_slow``.
         elastic: check that this wrapper can run under elastic membership and record it: no ``overlap``,
-            ``overlap_slow``, ``shard`` or compressed ``sync_dtype`` (its residuals are cut by the world size),
-            a base of one fast agent per rank; ``outer`` and ``fragments`` are supported.
+            ``overlap_slow`` or ``shard``, a base of one fast agent per rank; ``outer``, ``fragments`` and a
+            compressed ``sync_dtype`` are supported (after a membership change the error feedback of the chunk a
+            rank owns restarts at zero: the chunks are cut by the world size).
             :class:`~lookahead_dist.regroup.Elastic` runs it, rebuilding it for each generation of members.
     """
 
@@ -231,7 +232,7 @@ class SlowMo(WrapperOptimizer):
             )
         if elastic:
             options = dict(overlap=overlap, overlap_slow=overlap_slow, shard=shard)
-            check_elastic("SlowMo", None, 0, **options, sync_dtype=None if sync_dtype == "float32" else sync_dtype)
+            check_elastic("SlowMo", None, 0, **options)
         super().__init__(optimizer)
         self.sync_dtype, self.elastic = sync_dtype, bool(elastic)
         self.overlap, self.overlap_slow = bool(overlap), bool(overlap_slow)

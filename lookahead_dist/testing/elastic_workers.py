@@ -160,8 +160,8 @@ def _kill(ms, delay: float = 0.0) -> None:
 
 def trial(ms, cfg: dict) -> dict:
     """One member of an elastic run (configuration keys: algo, topology, steps, lr, tau, alpha, beta, outer,
-    fragments, kills, in_allreduce, seed, step_sleep, await_rejoin, progress_dir); returns its trace, restart
-    states, events and finalized model."""
+    fragments, sync_dtype, kills, in_allreduce, seed, step_sleep, await_rejoin, progress_dir); returns its trace,
+    restart states, events and finalized model."""
     from lookahead_dist.decentralized import Decentralized
     from lookahead_dist.regroup import Elastic
     from lookahead_dist.slowmo import SlowMo
@@ -207,6 +207,7 @@ def trial(ms, cfg: dict) -> dict:
             return SlowMo(
                 base, model, tau=cfg["tau"], alpha=cfg.get("alpha"), beta=cfg.get("beta"), base=topo,
                 comm=instrument(comm), outer=outer, fragments=cfg.get("fragments", 1), elastic=True,
+                sync_dtype=cfg.get("sync_dtype"),
             )  # fmt: skip
 
     el = Elastic(make_opt, cfg["topology"], membership=ms, sync_every=cfg.get("sync_every"))

@@ -203,7 +203,6 @@ ELASTIC_REFUSED = (
     ("algorithm.overlap", True, "its exchange is in flight across the steps the survivors roll back"),
     ("algorithm.overlap_slow", True, "its slow step is in flight across the steps the survivors roll back"),
     ("algorithm.shard", True, "its slow state is cut by the world size"),
-    ("algorithm.sync_dtype", ("bfloat16", "int8"), "its error-feedback residuals are cut by the world size"),
 )
 
 

@@ -189,6 +189,20 @@ def test_diloco_outer_and_fragments_go_on_after_a_death():
         assert e["world_size"] == 3 and e["to_step"] <= 6
 
 
+@pytest.mark.parametrize("sync_dtype", ["int8", "bfloat16"])
+def test_a_compressed_outer_sync_goes_on_after_a_death(sync_dtype):
+    # DiLoCo averaging its pseudo-gradient compressed, with error feedback: the chunks of the average each
+    # rank owns are cut anew for 3 ranks (their residuals restart), and the survivors still agree exactly
+    cfg = dict(algo="slowmo", topology="ring", tau=3, outer=True, sync_dtype=sync_dtype, steps=12, kills={2: 5})
+    results, killed = run_members(trial, 4, cfg, timeout=180)
+    ok = survivors(results)
+    assert list(killed) == [2]
+    check_consistent(ok, cfg["steps"], [2])
+    for v in ok.values():
+        (e,) = v["events"]
+        assert e["world_size"] == 3 and e["to_step"] <= 5
+
+
 def test_slowmo_after_a_death_matches_the_reference_restarted_on_the_survivors():
     # SlowMo over a ring (tau 3, beta 0.5): after the change the survivors' run is the reference engine with
     # slow momentum started at the restart step s from their models, base momenta, slow copy z and momentum u

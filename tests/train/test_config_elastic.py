@@ -55,7 +55,6 @@ def test_bad_elastic_values_name_their_key(sets, match):
         (["algorithm.shard=true"], r"algorithm.shard \(True\) cannot be combined with elastic.enabled: true"),
         (["algorithm.overlap_slow=true"], r"algorithm.overlap_slow \(True\) cannot be combined with elastic"),
         (["algorithm.overlap=true"], r"algorithm.overlap \(True\) cannot be combined with elastic.enabled"),
-        (["algorithm.sync_dtype=int8"], r"algorithm.sync_dtype \('int8'\) cannot be combined with elastic"),
         (["algorithm.name=allreduce"], "algorithm.name cannot run with elastic.enabled: true"),
         (["algorithm.name=lookahead"], "algorithm.name cannot run with elastic.enabled: true"),
     ],
