@@ -433,8 +433,8 @@ class Elastic:
         )
 
     def load_state_dict(self, state: dict) -> None:
-        """Load a state of ``el.opt.state_dict()`` saved by this or another generation (a resumed run): the
-        wrapper's topology and rank may differ; the copies kept for a rollback start again from it."""
+        """Load a state of ``el.opt.state_dict()`` saved at this rank of a world of this size (a resumed run;
+        the member ids may differ), error feedback included; the copies kept for a rollback start again from it."""
         _load(self.opt, state, same_ranks=True)
         self._history.clear()
 

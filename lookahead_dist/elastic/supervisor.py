@@ -110,6 +110,7 @@ class Supervisor:
             for i in range(args.nproc_per_node)
         ]
         self._stopping = False
+        self._gen, self._expected = 0, set(range(args.nnodes))  # the next generation to read, its nodes
 
     def _env(self, w: _Worker) -> dict:
         env = dict(os.environ)
@@ -186,14 +187,13 @@ class Supervisor:
             self.log(f"cannot report member {w.member}'s death: the store is unreachable ({exc})")
 
     def _expected_nodes(self) -> set[int]:
-        """The nodes with a member in the newest generation written to the store (all of them before the first)."""
-        g, members = 0, None
-        while self.store.check([f"{ROOT}/gen/{g}/members"]):
-            members = View.from_json(self.store.get(f"{ROOT}/gen/{g}/members")).members
-            g += 1
-        if members is None:
-            return set(range(self.args.nnodes))
-        return {m // self.args.nproc_per_node for m in members}
+        """The nodes with a member in the newest generation written to the store (all of them before the first);
+        generations already read are not read again."""
+        while self.store.check([f"{ROOT}/gen/{self._gen}/members"]):
+            members = View.from_json(self.store.get(f"{ROOT}/gen/{self._gen}/members")).members
+            self._expected = {m // self.args.nproc_per_node for m in members}
+            self._gen += 1
+        return self._expected
 
     def _wait_for_other_nodes(self) -> None:
         try:

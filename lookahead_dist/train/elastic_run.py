@@ -43,7 +43,7 @@ from lookahead_dist.train import elastic_checkpoint
 from lookahead_dist.train.config import Config, resolve_topology
 from lookahead_dist.train.data import build_data, check_data_path
 from lookahead_dist.train.models import build_model
-from lookahead_dist.train.rundir import MetricsLog, write_final
+from lookahead_dist.train.rundir import MetricsLog, new_run_path, write_final
 from lookahead_dist.train.schedules import lr_at
 from lookahead_dist.train.step import set_lr, train_step
 
@@ -70,14 +70,7 @@ def make_opt_factory(cfg: Config, model, optimizer, device):
 def _run_dir(cfg: Config, ms: Membership) -> Path:
     """The run directory, created: ``out_dir``, or runs/<name or timestamp>; the first member to ask decides it
     in the job's store (compare-and-set), so every member and every later rejoining one uses the same."""
-    chosen = cfg.out_dir
-    if not chosen:
-        stamp, i = cfg.name or time.strftime("%Y%m%d-%H%M%S"), 1
-        chosen = f"runs/{stamp}"
-        while Path(chosen).exists():
-            i += 1
-            chosen = f"runs/{stamp}-{i}"
-    won = ms.store.compare_set("run_dir", "", str(Path(chosen).resolve()))
+    won = ms.store.compare_set("run_dir", "", str(Path(new_run_path(cfg)).resolve()))
     path = Path(won.decode() if isinstance(won, bytes) else won)
     path.mkdir(parents=True, exist_ok=True)
     return path

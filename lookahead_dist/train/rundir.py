@@ -46,6 +46,18 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
+def new_run_path(cfg: Config) -> str:
+    """``out_dir``, or the first of runs/<name or timestamp>, runs/<...>-2, ... that does not exist yet."""
+    if cfg.out_dir:
+        return cfg.out_dir
+    stamp = cfg.name or time.strftime("%Y%m%d-%H%M%S")
+    chosen, i = f"runs/{stamp}", 1
+    while Path(chosen).exists():
+        i += 1
+        chosen = f"runs/{stamp}-{i}"
+    return chosen
+
+
 def run_dir(cfg: Config, comm: Comm) -> Path:
     """The run directory, created: ``out_dir``, or runs/<name or timestamp> (rank 0 decides, every rank agrees).
 
@@ -53,16 +65,10 @@ def run_dir(cfg: Config, comm: Comm) -> Path:
     """
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     pointer = Path("runs") / f".torchrun-{run_id}" if run_id else None
-    if cfg.out_dir:
-        chosen = cfg.out_dir
-    elif pointer is not None and restart_count() > 0 and pointer.exists():
+    if not cfg.out_dir and pointer is not None and restart_count() > 0 and pointer.exists():
         chosen = pointer.read_text().strip()
     else:
-        stamp = cfg.name or time.strftime("%Y%m%d-%H%M%S")
-        chosen, i = f"runs/{stamp}", 1
-        while comm.rank == 0 and Path(chosen).exists():
-            i += 1
-            chosen = f"runs/{stamp}-{i}"
+        chosen = new_run_path(cfg) if comm.rank == 0 else ""
     chosen = comm.all_gather_object(str(Path(chosen).resolve()))[0]  # rank 0 decides
     path = Path(chosen)
     path.mkdir(parents=True, exist_ok=True)
